@@ -14,6 +14,8 @@ __all__ = [
     "all_reduce_sum_with_grad",
     "barrier",
     "broadcast_",
+    "destroy_process_group",
+    "init_from_environment",
     "is_distributed",
     "is_main_process",
     "rank",
@@ -93,3 +95,24 @@ def barrier() -> None:
     """Wait for every rank (no-op without a group)."""
     if is_distributed():
         dist.barrier()
+
+
+def init_from_environment(device_type: str = "cpu") -> bool:
+    """Join the process group described by torchrun's environment, when ``WORLD_SIZE > 1``.
+
+    Uses NCCL for CUDA and gloo for CPU, reads ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/
+    ``WORLD_SIZE`` from the environment (``init_method="env://"``). Returns True when this call
+    created the group; False when running single-process or a group already exists (tests).
+    """
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def destroy_process_group() -> None:
+    """Leave the default process group (no-op without one)."""
+    if is_distributed():
+        dist.destroy_process_group()

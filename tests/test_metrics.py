@@ -1,0 +1,545 @@
+"""Tests of guided_nc.metrics against a brute-force oracle written from the formulas.
+
+The oracle (:func:`brute_force_metrics`) holds every feature in numpy float64 and loops over
+samples and classes, as method.md section 6 states the definitions; it shares no code with the
+library (the ETF distance is evaluated as the Procrustes objective, not the nuclear-norm formula).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guided_nc.etf import simplex_etf
+from guided_nc.metrics import (
+    MARGIN_QUANTILES,
+    NeuralCollapseMetrics,
+    ce_lower_bound,
+    collect_metrics,
+    etf_gram_deviation,
+    nearest_class_centre,
+)
+
+PER_SAMPLE_KEYS = ["ncc_mismatch", "margin_mean", "margin_min", *MARGIN_QUANTILES, "margin_max"]
+WEIGHT_KEYS = ["nc2_w", "nc3", "cv_w", "equinorm", "bias_collapse"]
+
+
+# --- the oracle -----------------------------------------------------------------------------------
+
+
+def brute_force_metrics(features, labels, num_classes, weight=None, bias=None, logits=None):
+    """Every metric straight from its definition: numpy float64, explicit loops."""
+    h = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    n, d = h.shape
+    k_count = num_classes
+    means = np.stack([h[y == k].mean(axis=0) for k in range(k_count)])
+    global_mean = h.mean(axis=0)
+    sigma_w = np.zeros((d, d))
+    for i in range(n):
+        diff = h[i] - means[y[i]]
+        sigma_w += np.outer(diff, diff)
+    sigma_w /= n
+    sigma_b = np.zeros((d, d))
+    for k in range(k_count):
+        diff = means[k] - global_mean
+        sigma_b += np.outer(diff, diff)
+    sigma_b /= k_count
+    # Pseudo-inverse on the rank-(K-1) part: the top min(K-1, d) eigenpairs above numpy's tolerance.
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma_b)
+    order = np.argsort(eigenvalues)[::-1][: min(k_count - 1, d)]
+    pinv = np.zeros((d, d))
+    for j in order:
+        if eigenvalues[j] > eigenvalues.max() * max(d, k_count) * np.finfo(float).eps:
+            pinv += np.outer(eigenvectors[:, j], eigenvectors[:, j]) / eigenvalues[j]
+    hbar = (means - global_mean).T
+    centring = np.eye(k_count) - 1.0 / k_count
+    target = centring / math.sqrt(k_count - 1)
+
+    def deviation(gram):
+        return np.linalg.norm(gram / np.linalg.norm(gram) - target)
+
+    def cv(vectors):
+        norms = np.array([np.linalg.norm(v) for v in vectors])
+        return norms.std(ddof=1) / norms.mean()
+
+    # Nearest ETF: the objective at the Procrustes solution P = U V^T of (Y M).
+    if d >= k_count:
+        unit = hbar / np.linalg.norm(hbar)
+        u, _, vt = np.linalg.svd(unit @ centring, full_matrices=False)
+        etf = np.linalg.norm(unit - (u @ vt) @ centring / math.sqrt(k_count - 1)) ** 2
+    else:
+        etf = math.nan
+    nan = math.nan
+    out = {
+        "nc1": np.trace(sigma_w @ pinv) / k_count,
+        "nc2_h": deviation(hbar.T @ hbar),
+        "cv_h": cv(hbar.T),
+        "etf_margin": k_count / (k_count - 1),
+        "etf_distance": etf,
+        "n": float(n),
+        "acc1": nan,
+        **dict.fromkeys(WEIGHT_KEYS + PER_SAMPLE_KEYS, nan),
+    }
+    if k_count >= 5:
+        out["acc5"] = nan
+    predictions = None
+    if logits is not None:
+        z = np.asarray(logits, dtype=np.float64)
+        predictions = [int(np.argmax(z[i])) for i in range(n)]
+        out["acc1"] = 100.0 * np.mean([predictions[i] == y[i] for i in range(n)])
+        if k_count >= 5:
+            top5 = [y[i] in np.argsort(-z[i])[:5] for i in range(n)]
+            out["acc5"] = 100.0 * np.mean(top5)
+    if weight is not None:
+        w = np.asarray(weight, dtype=np.float64)
+        b = np.zeros(k_count) if bias is None else np.asarray(bias, dtype=np.float64)
+        if predictions is None:
+            predictions = [int(np.argmax(w @ h[i] + b)) for i in range(n)]
+        out["nc2_w"] = deviation(w @ w.T)
+        out["nc3"] = deviation(w @ hbar)
+        out["cv_w"] = cv(w)
+        out["equinorm"] = abs(out["cv_h"] - out["cv_w"])
+        out["bias_collapse"] = np.linalg.norm(w @ global_mean + b)
+        centred_w = w - w.mean(axis=0)
+        margins = []
+        for i in range(n):
+            v = h[i] - global_mean
+            cosines = [
+                v @ centred_w[k] / (np.linalg.norm(v) * np.linalg.norm(centred_w[k]))
+                for k in range(k_count)
+            ]
+            others = max(cosines[k] for k in range(k_count) if k != y[i])
+            margins.append(cosines[y[i]] - others)
+        margins = np.array(margins)
+        out["margin_mean"] = margins.mean()
+        out["margin_min"] = margins.min()
+        out["margin_max"] = margins.max()
+        for key, q in MARGIN_QUANTILES.items():
+            out[key] = np.quantile(margins, q)
+    if predictions is not None:
+        mismatch = 0
+        for i in range(n):
+            distances = [np.linalg.norm(h[i] - means[k]) for k in range(k_count)]
+            mismatch += int(np.argmin(distances)) != predictions[i]
+        out["ncc_mismatch"] = 100.0 * mismatch / n
+    return {key: float(value) for key, value in out.items()}
+
+
+def assert_metrics_close(actual, expected, rtol=1e-9, atol=1e-12):
+    assert set(actual) == set(expected), set(actual) ^ set(expected)
+    for key in expected:
+        a, e = actual[key], expected[key]
+        if math.isnan(e):
+            assert math.isnan(a), f"{key}: expected NaN, got {a}"
+        else:
+            assert a == pytest.approx(e, rel=rtol, abs=atol), f"{key}: {a} != {e}"
+
+
+def random_problem(num_classes, dim, counts, seed, dtype=torch.float64, temperature=5.0):
+    """Tau-normalised features around random class centres, a random classifier, bias, logits."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=generator)]
+    centres = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    raw = centres[labels] + 0.7 * torch.randn(len(labels), dim, generator=generator).double()
+    features = (temperature * F.normalize(raw, dim=1)).to(dtype)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64).to(dtype)
+    bias = 0.1 * torch.randn(num_classes, generator=generator, dtype=torch.float64).to(dtype)
+    logits = features @ weight.T + bias
+    return features, labels, weight, bias, logits
+
+
+# --- exact simplex ETF ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("num_classes", "dim"), [(2, 2), (10, 10), (10, 32)])
+def test_simplex_etf_configuration_is_fully_collapsed(num_classes, dim, dtype):
+    temperature = 5.0
+    generator = torch.Generator().manual_seed(num_classes + dim)
+    weight = simplex_etf(num_classes, dim, "haar", generator, dtype=torch.float64)
+    labels = torch.arange(num_classes).repeat(4)
+    features = (temperature * weight[labels]).to(dtype)  # every sample at its class mean
+    logits = features.double() @ weight.T
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    metric.update(features, labels, logits.to(dtype))
+    result = metric.compute(weight.to(dtype))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    for key in ["nc1", "nc2_w", "nc2_h", "nc3", "cv_w", "cv_h", "equinorm", "etf_distance"]:
+        assert abs(result[key]) < tolerance, (key, result[key])
+    assert abs(result["bias_collapse"]) < tolerance * 10  # ||W mu_G||, mu_G = 0 for balanced
+    assert result["ncc_mismatch"] == 0.0
+    assert result["acc1"] == 100.0
+    etf_margin = num_classes / (num_classes - 1)
+    assert result["etf_margin"] == etf_margin
+    for key in ["margin_mean", "margin_min", "margin_max", *MARGIN_QUANTILES]:
+        assert result[key] == pytest.approx(etf_margin, abs=tolerance)
+    # Cross-entropy of W h (unit rows, norm-tau features) attains the Yaras et al. bound.
+    loss = F.cross_entropy(logits, labels).item()
+    assert loss == pytest.approx(ce_lower_bound(num_classes, temperature), rel=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "expected"), [(10, 0.0342), (100, 0.4912), (200, 0.8362), (1000, 2.0409)]
+)
+def test_ce_lower_bound_matches_the_etf_cross_entropy(num_classes, expected):
+    # Independent truth: the cross-entropy of one sample at a vertex of the ETF, logits in
+    # closed form (own class tau, others -tau/(K-1)); the table values are method.md's.
+    temperature = 5.0
+    logits = torch.full((1, num_classes), -temperature / (num_classes - 1), dtype=torch.float64)
+    logits[0, 0] = temperature
+    loss = F.cross_entropy(logits, torch.tensor([0])).item()
+    assert ce_lower_bound(num_classes, temperature) == pytest.approx(loss, rel=1e-12)
+    assert ce_lower_bound(num_classes, temperature) == pytest.approx(expected, abs=5e-5)
+
+
+# --- brute force on random data -------------------------------------------------------------------
+
+CASES = {
+    "balanced": (6, 8, [12, 12, 12, 12, 12, 12]),
+    "two-classes": (2, 5, [9, 14]),
+    "more-classes-than-dims": (9, 4, [5, 6, 7, 5, 6, 7, 5, 6, 7]),
+    "imbalanced": (5, 7, [1, 2, 60, 9, 3]),
+    "d-equals-k": (4, 4, [10, 7, 8, 9]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_brute_force(case, dtype):
+    num_classes, dim, counts = CASES[case]
+    features, labels, weight, bias, logits = random_problem(num_classes, dim, counts, seed=1)
+    features, weight, bias, logits = (t.to(dtype) for t in (features, weight, bias, logits))
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    for chunk in torch.split(torch.arange(len(labels)), 7):
+        metric.update(features[chunk], labels[chunk], logits[chunk])
+    expected = brute_force_metrics(features, labels, num_classes, weight, bias, logits)
+    assert_metrics_close(metric.compute(weight, bias), expected)
+
+
+def test_without_logits_predictions_come_from_the_classifier_and_acc_is_nan():
+    features, labels, weight, bias, _ = random_problem(5, 6, [8, 9, 10, 11, 12], seed=2)
+    metric = NeuralCollapseMetrics(5, 6)
+    metric.update(features, labels)
+    result = metric.compute(weight, bias)
+    assert math.isnan(result["acc1"]) and math.isnan(result["acc5"])
+    assert_metrics_close(result, brute_force_metrics(features, labels, 5, weight, bias))
+    assert result["ncc_mismatch"] > 0  # random classifier: the comparison is not vacuous
+
+
+def test_without_weight_the_weight_keys_are_nan_and_ncc_uses_logits():
+    features, labels, _, _, logits = random_problem(3, 6, [8, 9, 10], seed=3)
+    metric = NeuralCollapseMetrics(3, 6)
+    metric.update(features, labels, logits)
+    result = metric.compute()
+    assert "acc5" not in result  # K < 5
+    for key in WEIGHT_KEYS + PER_SAMPLE_KEYS[1:]:
+        assert math.isnan(result[key]), key
+    expected = brute_force_metrics(features, labels, 3, logits=logits)
+    assert_metrics_close(result, expected)
+    no_logits = NeuralCollapseMetrics(3, 6)
+    no_logits.update(features, labels)
+    assert math.isnan(no_logits.compute()["ncc_mismatch"])
+
+
+def test_near_collapse_is_computed_stably():
+    # Norm-5 features with a within-class spread of 1e-6: sum h h^T / N ~ 25 while Sigma_W ~ 1e-12,
+    # so the unshifted formula (1/N) sum h h^T - sum n_k mu_k mu_k^T / N loses every digit.
+    num_classes, dim = 4, 6
+    generator = torch.Generator().manual_seed(4)
+    weight = simplex_etf(num_classes, dim, "haar", generator, dtype=torch.float64)
+    labels = torch.arange(num_classes).repeat(50)
+    noise = 1e-6 * torch.randn(len(labels), dim, generator=generator, dtype=torch.float64)
+    features = 5.0 * F.normalize(weight[labels] + noise, dim=1)
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    for chunk in torch.split(torch.arange(len(labels)), 16):
+        metric.update(features[chunk], labels[chunk])
+    result = metric.compute(weight)
+    expected = brute_force_metrics(features, labels, num_classes, weight)
+    assert 0 < expected["nc1"] < 1e-9
+    assert result["nc1"] == pytest.approx(expected["nc1"], rel=1e-6)
+
+
+def test_float32_inputs_accumulate_in_float64():
+    # 20000 float32 features: a float32 running sum would carry ~1e-4 relative error into the
+    # second moment, far above the 1e-9 checked here against the float64 oracle.
+    num_classes, dim = 3, 4
+    features, labels, weight, _, _ = random_problem(
+        num_classes, dim, [7000, 6000, 7000], seed=5, dtype=torch.float32
+    )
+    features = features + 100.0  # a large common offset makes float32 sums lose digits
+    metric = NeuralCollapseMetrics(num_classes, dim, max_kept_samples=0)
+    for chunk in torch.split(torch.arange(len(labels)), 1000):
+        metric.update(features[chunk], labels[chunk])
+    assert all(buffer.dtype == torch.float64 for buffer in metric.buffers())
+    result = metric.compute(weight)
+    expected = brute_force_metrics(features, labels, num_classes, weight)
+    for key in ["nc1", "nc2_h", "nc3", "cv_h", "etf_distance", "bias_collapse"]:
+        assert result[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+# --- streaming and the two routes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_any_batch_split_equals_one_batch(seed):
+    features, labels, weight, bias, logits = random_problem(5, 6, [9, 3, 20, 6, 12], seed=6)
+    whole = NeuralCollapseMetrics(5, 6)
+    whole.update(features, labels, logits)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    cuts = sorted(torch.randint(0, len(labels), (6,), generator=generator).tolist())
+    pieces = torch.tensor_split(order, cuts)  # includes empty and single-sample batches
+    streamed = NeuralCollapseMetrics(5, 6)
+    for piece in pieces:
+        streamed.update(features[piece], labels[piece], logits[piece])
+    assert_metrics_close(streamed.compute(weight, bias), whole.compute(weight, bias), rtol=1e-11)
+
+
+class _Loader:
+    """A re-iterable loader over fixed batches of (inputs, labels)."""
+
+    def __init__(self, inputs, labels, batch_size):
+        self.batches = list(
+            zip(torch.split(inputs, batch_size), torch.split(labels, batch_size), strict=True)
+        )
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("route", ["tuple", "logits_fn", "classifier"])
+def test_collect_metrics_equals_the_kept_features_route(route):
+    num_classes, dim = 6, 5
+    features, labels, weight, bias, _ = random_problem(num_classes, dim, [20, 5, 9, 14, 3, 11], 7)
+    backbone = torch.nn.Linear(dim, dim, dtype=torch.float64)
+    torch.nn.init.orthogonal_(backbone.weight, generator=torch.Generator().manual_seed(0))
+
+    def feature_fn(inputs):
+        return 5.0 * F.normalize(backbone(inputs), dim=1)
+
+    def logits_fn(h):
+        return h @ weight.T + bias
+
+    loader = _Loader(features, labels, batch_size=8)
+    kept = NeuralCollapseMetrics(num_classes, dim)
+    for inputs, batch_labels in loader:
+        h = feature_fn(inputs)
+        kept.update(h, batch_labels, None if route == "classifier" else logits_fn(h))
+    if route == "tuple":
+        result = collect_metrics(
+            lambda x: (feature_fn(x), logits_fn(feature_fn(x))),
+            loader,
+            num_classes,
+            weight,
+            bias,
+            progress=False,
+        )
+    else:
+        result = collect_metrics(
+            feature_fn,
+            loader,
+            num_classes,
+            weight,
+            bias,
+            logits_fn=logits_fn if route == "logits_fn" else None,
+            progress=False,
+        )
+    expected = kept.compute(weight, bias)
+    assert_metrics_close(result, expected, rtol=1e-12)
+    assert not math.isnan(result["ncc_mismatch"]) and not math.isnan(result["margin_q05"])
+
+
+def test_memory_cap_drops_per_sample_measures_with_a_warning():
+    features, labels, weight, bias, logits = random_problem(3, 4, [10, 10, 10], seed=8)
+    capped = NeuralCollapseMetrics(3, 4, max_kept_samples=20)
+    capped.update(features[:20], labels[:20], logits[:20])
+    assert capped.num_kept_samples == 20
+    with pytest.warns(UserWarning, match="collect_metrics"):
+        capped.update(features[20:], labels[20:], logits[20:])
+    assert capped.num_kept_samples == 0
+    with pytest.warns(UserWarning, match="max_kept_samples=20.*collect_metrics"):
+        result = capped.compute(weight, bias)
+    uncapped = NeuralCollapseMetrics(3, 4, max_kept_samples=None)
+    uncapped.update(features, labels, logits)
+    expected = uncapped.compute(weight, bias)
+    for key in PER_SAMPLE_KEYS:
+        assert math.isnan(result[key]), key
+        expected[key] = math.nan
+    assert_metrics_close(result, expected, rtol=1e-11)
+    off = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    off.update(features, labels, logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # max_kept_samples=0 is a choice: no warning
+        assert math.isnan(off.compute(weight)["margin_mean"])
+
+
+def test_reset_and_state_dict_round_trip():
+    features, labels, weight, _, logits = random_problem(3, 4, [6, 7, 8], seed=9)
+    metric = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    metric.update(features[:10], labels[:10], logits[:10])
+    restored = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    restored.load_state_dict(metric.state_dict())
+    for m in (metric, restored):
+        m.update(features[10:], labels[10:], logits[10:])
+    assert_metrics_close(restored.compute(weight), metric.compute(weight), rtol=0, atol=0)
+    # With per-sample measures on, the loaded samples' features are missing: NaN and a warning.
+    keeping = NeuralCollapseMetrics(3, 4)
+    keeping.update(features, labels, logits)
+    keeping.load_state_dict(metric.state_dict())
+    with pytest.warns(UserWarning, match="collect_metrics"):
+        result = keeping.compute(weight)
+    assert math.isnan(result["ncc_mismatch"]) and math.isnan(result["margin_mean"])
+    assert result["nc1"] == metric.compute(weight)["nc1"]
+    metric.reset()
+    assert metric.num_samples == 0
+    with pytest.raises(RuntimeError, match=r"before any sample.*update"):
+        metric.compute()
+    assert "max_kept_samples=0" in repr(metric)
+
+
+def test_pure_functions_against_direct_formulas():
+    generator = torch.Generator().manual_seed(10)
+    features = torch.randn(30, 5, generator=generator, dtype=torch.float64)
+    means = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    expected = torch.cdist(features, means).argmin(dim=1)
+    assert torch.equal(nearest_class_centre(features, means), expected)
+    gram = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    assert etf_gram_deviation(3.0 * gram).item() == pytest.approx(etf_gram_deviation(gram).item())
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _snapshot(metric):
+    return {k: v.clone() for k, v in metric.state_dict().items()}, metric.num_kept_samples
+
+
+def _assert_unchanged(metric, snapshot):
+    state, kept = snapshot
+    for key, value in metric.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert metric.num_kept_samples == kept
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (
+            lambda f, y, z: (f, y.index_fill(0, torch.tensor([1, 4]), 7), z),
+            ValueError,
+            r"labels \[7\] are out of range.*\[0, 2\]",
+        ),
+        (
+            lambda f, y, z: (f, y.index_fill(0, torch.tensor([2]), -1), z),
+            ValueError,
+            r"labels \[-1\] are out of range",
+        ),
+        (lambda f, y, z: (f[:, :3], y, z), ValueError, r"features must have shape \(batch, dim=4"),
+        (lambda f, y, z: (f.flatten(), y, z), ValueError, r"features must have shape"),
+        (lambda f, y, z: (f.long(), y, z), TypeError, r"features must be a floating-point"),
+        (lambda f, y, z: (f, y.float(), z), TypeError, r"labels must be an integer"),
+        (lambda f, y, z: (f, y[:-1], z), ValueError, r"labels must have shape \(6,\)"),
+        (lambda f, y, z: (f, y, z[:, :2]), ValueError, r"logits must have shape.*\(6, 3\)"),
+        (lambda f, y, z: (f, y, None), ValueError, r"earlier batches came with logits"),
+        (
+            lambda f, y, z: (f.index_fill(0, torch.tensor([2]), math.nan), y, z),
+            ValueError,
+            r"features contain NaN or Inf; the batch was rejected",
+        ),
+        (
+            lambda f, y, z: (f, y, z.index_fill(0, torch.tensor([0]), math.inf)),
+            ValueError,
+            r"logits contain NaN or Inf",
+        ),
+    ],
+)
+def test_bad_batches_are_rejected_and_leave_the_state_unchanged(mutate, error, match):
+    features, labels, _, _, logits = random_problem(3, 4, [4, 4, 4], seed=11)
+    metric = NeuralCollapseMetrics(3, 4)
+    metric.update(features[:6], labels[:6], logits[:6])
+    snapshot = _snapshot(metric)
+    bad = mutate(features[6:], labels[6:].clone(), logits[6:])
+    with pytest.raises(error, match=match):
+        metric.update(*bad)
+    _assert_unchanged(metric, snapshot)
+
+
+def test_classifier_and_call_order_errors():
+    features, labels, weight, bias, _ = random_problem(3, 4, [4, 4, 4], seed=12)
+    metric = NeuralCollapseMetrics(3, 4)
+    with pytest.raises(RuntimeError, match="before any sample"):
+        metric.compute(weight)
+    metric.update(features, labels)
+    with pytest.raises(ValueError, match=r"weight must have shape .* \(3, 4\), got \(4, 3\)"):
+        metric.compute(weight.T)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\).*got \(4,\)"):
+        metric.compute(weight, torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias was given without weight"):
+        metric.compute(None, bias)
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        metric.compute(weight.long())
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        metric.compute(weight.clone().fill_(math.nan))
+    no_logits = NeuralCollapseMetrics(3, 4)
+    no_logits.update(features, labels)
+    with pytest.raises(ValueError, match="earlier batches came without logits"):
+        no_logits.update(features, labels, torch.zeros(12, 3))
+
+
+def test_class_without_samples_is_named():
+    features, labels, weight, _, _ = random_problem(5, 4, [4, 4, 4, 4, 4], seed=13)
+    keep = (labels != 1) & (labels != 3)
+    metric = NeuralCollapseMetrics(5, 4)
+    metric.update(features[keep], labels[keep])
+    with pytest.raises(ValueError, match=r"classes \[1, 3\] have no samples"):
+        metric.compute(weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 1, "dim": 4}, r"num_classes=1 must be an integer >= 2"),
+        ({"num_classes": 3, "dim": 0}, r"dim=0 must be a positive integer"),
+        ({"num_classes": 3, "dim": 4, "max_kept_samples": -1}, r"max_kept_samples=-1"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralCollapseMetrics(**kwargs)
+
+
+def test_ce_lower_bound_errors():
+    with pytest.raises(ValueError, match="num_classes=1"):
+        ce_lower_bound(1, 5.0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        ce_lower_bound(10, -1.0)
+
+
+def test_collect_metrics_errors():
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        collect_metrics(lambda x: x, [], 3, progress=False)
+    loader = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ValueError, match=r"exactly \(features, logits\)"):
+        collect_metrics(lambda x: (x, x, x), loader, 3, progress=False)
+
+    class Shrinking:  # a loader that drops a sample in its second pass
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            inputs, labels = loader[0]
+            return iter([(inputs[: 5 - self.passes], labels[: 5 - self.passes])])
+
+    weight = torch.eye(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"second pass yielded 3 samples but the first 4"):
+        collect_metrics(lambda x: x, Shrinking(), 3, weight, progress=False)
