@@ -25,7 +25,9 @@ import math
 import torch
 
 __all__ = [
+    "SOLVERS",
     "PolarFactor",
+    "TrustRegionPolarFactor",
     "centering_matrix",
     "etf_classifier",
     "etf_distance",
@@ -118,46 +120,122 @@ def simplex_etf(
     return etf_classifier(frame.cpu()).to(dtype=dtype, device=device)
 
 
+def _polar_backward(
+    left: torch.Tensor, spectrum: torch.Tensor, right: torch.Tensor, grad_frame: torch.Tensor
+) -> torch.Tensor:
+    """dL/dA of the orthogonal polar factor ``P = U V^T``, from ``U``, ``s``, ``V``, ``G = dL/dP``.
+
+    With ``Gh = U^T G V`` and ``F_ij = 1 / (s_i + s_j)``::
+
+        dL/dA = U (F o (Gh - Gh^T)) V^T + (I - U U^T) G V S^-1 V^T
+              = [U (F o (Gh - Gh^T) - Gh S^-1) + G V S^-1] V^T
+
+    (four d x K x K products). At the exact polar factor ``(U, s, V)`` is the thin SVD of A. At
+    any other Stiefel point P, ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V`` give the
+    implicit-function (Proposition 1) gradient at that point (docs/etf.md); s may then be
+    negative. Time O(dK^2 + K^3), memory O(dK + K^2). Reciprocals of ``|s_i + s_j|`` or
+    ``|s_i|`` below ``K * eps * max|s|`` are set to 0 (pseudo-inverse convention), so a
+    rank-deficient A (possible only with ``delta = 0``) gives a finite gradient.
+    """
+    grad_frame = grad_frame.to(left.dtype)
+    tiny = spectrum.shape[-1] * torch.finfo(spectrum.dtype).eps * spectrum.abs().max()
+    pair_sum = spectrum.unsqueeze(-1) + spectrum.unsqueeze(-2)
+    keep_pair = pair_sum.abs() > tiny
+    inverse_pair_sum = torch.where(keep_pair, 1.0 / torch.where(keep_pair, pair_sum, 1.0), 0.0)
+    keep = spectrum.abs() > tiny
+    inverse_spectrum = torch.where(keep, 1.0 / torch.where(keep, spectrum, 1.0), 0.0)
+    grad_right = grad_frame @ right  # G V, (d, K)
+    projected = left.transpose(-2, -1) @ grad_right  # Gh = U^T G V, (K, K)
+    core = (projected - projected.transpose(-2, -1)) * inverse_pair_sum
+    core = core - projected * inverse_spectrum  # F o (Gh - Gh^T) - Gh S^-1
+    return (left @ core + grad_right * inverse_spectrum) @ right.transpose(-2, -1)
+
+
 class PolarFactor(torch.autograd.Function):
     """Orthogonal polar factor ``P = U V^T`` of a d x K matrix ``A = U S V^T`` (d >= K).
 
-    Forward: one thin SVD. Backward (method.md section 2), for ``G = dL/dP``::
+    Forward: one thin SVD (``torch.linalg.svd``, ``full_matrices=False``). Backward (method.md
+    section 2), for ``G = dL/dP``::
 
         Gh = U^T G V,  F_ij = 1 / (s_i + s_j)
         dL/dA = U (F o (Gh - Gh^T)) V^T + (I - U U^T) G V S^-1 V^T
 
-    O(dK^2 + K^3) time, O(dK + K^2) memory. Entries with ``s_i + s_j = 0`` (A rank-deficient,
-    possible only with ``delta = 0``) use the pseudo-inverse convention (0), so the gradient stays
-    finite. Runs in the dtype of ``A``; :func:`polar_factor` casts to float64 first.
+    O(dK^2 + K^3) time, O(dK + K^2) memory (saved: U, s, V). Unlike autograd through
+    ``torch.linalg.svd``, it is finite when singular values repeat (a collapsed, ETF-like Y):
+    only the sums ``s_i + s_j`` appear. Runs in the dtype of A; :func:`polar_factor` casts to
+    float64 first.
+
+    Shape: A (d, K) -> P (d, K).
     """
 
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        ctx.save_for_backward(u, s, vh)
+        ctx.save_for_backward(u, s, vh.transpose(-2, -1))
         return u @ vh
 
     @staticmethod
-    def backward(ctx, grad_frame: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        u, s, vh = ctx.saved_tensors
-        v = vh.transpose(-2, -1)
-        grad_frame = grad_frame.to(u.dtype)
-        grad_v = grad_frame @ v  # G V, (d, K)
-        projected = u.transpose(-2, -1) @ grad_v  # U^T G V, (K, K)
-        pair_sum = s.unsqueeze(-1) + s.unsqueeze(-2)
-        inverse_pair_sum = torch.where(pair_sum > 0, 1.0 / pair_sum, torch.zeros_like(pair_sum))
-        inner = u @ ((projected - projected.transpose(-2, -1)) * inverse_pair_sum)
-        inverse_s = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-        outer = (grad_v - u @ projected) * inverse_s  # (I - U U^T) G V S^-1
-        return (inner + outer) @ vh
+    def backward(ctx, grad_frame: torch.Tensor) -> torch.Tensor:
+        u, s, v = ctx.saved_tensors
+        return _polar_backward(u, s, v, grad_frame)
+
+
+class TrustRegionPolarFactor(torch.autograd.Function):
+    """The nearest-ETF point found by pymanopt's trust regions, with the closed-form backward.
+
+    Forward: :func:`guided_nc.solvers.trust_region_nearest_etf` (the paper's solver) from
+    ``prox``. Backward: :func:`_polar_backward` at the returned point P with
+    ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V``, which is exactly the paper's
+    Proposition-1 gradient at that point (equal to :class:`PolarFactor`'s at convergence).
+    Gradient flows to ``target`` (A) only.
+
+    Shape: target, features, prox (d, K) float64 -> P (d, K) float64.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        target: torch.Tensor,
+        features: torch.Tensor,
+        prox: torch.Tensor,
+        delta: float,
+        max_iterations: int,
+    ) -> torch.Tensor:
+        from guided_nc.solvers import trust_region_nearest_etf
+
+        frame = trust_region_nearest_etf(features, prox, delta, max_iterations=max_iterations)
+        frame = frame.to(dtype=target.dtype, device=target.device)
+        gram = frame.transpose(-2, -1) @ target
+        s, v = torch.linalg.eigh(0.5 * (gram + gram.transpose(-2, -1)))  # B = sym(P^T A)
+        ctx.save_for_backward(frame @ v, s, v)  # U = P V
+        return frame
+
+    @staticmethod
+    def backward(ctx, grad_frame: torch.Tensor):
+        u, s, v = ctx.saved_tensors
+        return _polar_backward(u, s, v, grad_frame), None, None, None, None
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """Differentiable orthogonal polar factor of a (d, K) matrix, d >= K.
 
     Computed in float64 and returned in the input's dtype. See :class:`PolarFactor`.
+
+    Shape: matrix (d, K) -> (d, K), same dtype and device.
     """
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+        raise ValueError(f"matrix must be a 2-D (d, K) tensor, got {shape}")
+    if matrix.shape[0] < matrix.shape[1]:
+        raise ValueError(
+            f"matrix has shape {tuple(matrix.shape)} with d < K; the polar factor P^T P = I "
+            "needs at least as many rows as columns (transpose it)"
+        )
     return PolarFactor.apply(matrix.to(COMPUTE_DTYPE)).to(matrix.dtype)
+
+
+#: Solvers accepted by :func:`nearest_etf`.
+SOLVERS = ("svd", "trust-regions")
 
 
 def nearest_etf(
@@ -165,42 +243,62 @@ def nearest_etf(
     prox: torch.Tensor | None = None,
     delta: float = 1e-3,
     solver: str = "svd",
+    *,
+    max_iterations: int = 30,
 ) -> torch.Tensor:
     """The Stiefel point P of the simplex ETF nearest to the class-mean matrix ``features`` (Y).
 
-    Solves ``min_{P in St(d,K)} ||Y - P M/sqrt(K-1)||_F^2 + (delta/2)||P - prox||_F^2`` exactly as
-    the polar factor of ``A = c Y M + delta * prox``. Differentiable in Y through
-    :class:`PolarFactor`; ``prox`` is a constant (detached, no gradient), as in the paper.
+    Solves (paper eq. 6 with the proximal term of eq. 7)::
+
+        min_{P in St(d,K)} ||Y - P M/sqrt(K-1)||_F^2 + (delta/2)||P - prox||_F^2
+
+    exactly as the polar factor of ``A = c Y M + delta * prox`` (c = 2/sqrt(K-1)).
+    Differentiable in Y through :class:`PolarFactor` (O(dK) memory); ``prox`` is a constant
+    (detached, no gradient), as in the paper. The classifier is ``etf_classifier(P)``.
 
     Args:
         features: Y, (d, K) centred class means (any scale; the heads pass unit Frobenius norm).
-        prox: the previous solution, (d, K) with orthonormal columns. ``None`` means the first-step
-            rule of method.md: ``prox = eye(d, K)``.
+            float16/bfloat16/float32/float64, any device.
+        prox: the previous solution, (d, K) with orthonormal columns (any float dtype).
+            ``None`` means the first-step rule of method.md: ``P0 = polar(c Y M + delta eye(d,K))``.
         delta: proximal coefficient, >= 0. With ``delta = 0`` the solution is unique only in
-            ``P M`` (the component along ``P 1`` is arbitrary).
-        solver: ``"svd"`` (closed form) or ``"trust-regions"`` (pymanopt's Riemannian trust
-            regions, the paper's solver; see :mod:`guided_nc.solvers`). Both use the same backward.
+            ``P M`` (the component along ``P 1`` is arbitrary) and the gradient may not exist.
+        solver: ``"svd"`` (closed form, one thin SVD) or ``"trust-regions"`` (pymanopt's
+            Riemannian trust regions from ``prox``, the paper's solver, CPU numpy float64; see
+            :mod:`guided_nc.solvers`). Both use the same closed-form backward.
+        max_iterations: trust-region iterations (``solver="trust-regions"`` only; paper: 30).
 
     Shape: features (d, K) -> P (d, K), in the dtype and on the device of ``features``;
-    computed in float64.
+    computed in float64 (docs/etf.md, "Precision").
+
+    Raises:
+        ValueError: non-2-D features, K < 2, d < K, non-finite features, prox of the wrong shape
+            or not orthonormal, delta < 0, unknown solver.
     """
     num_classes = _check_features(features)
     _check_delta(delta)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
+    if solver == "trust-regions" and (
+        isinstance(max_iterations, bool)
+        or not isinstance(max_iterations, int)
+        or max_iterations < 1
+    ):
+        raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
     dim = features.shape[0]
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE, device=features.device)
     else:
         prox = _check_stiefel(prox, "prox", dim, num_classes).detach()
     y = features.to(COMPUTE_DTYPE)
+    prox = prox.to(y)
     scale = 2.0 / math.sqrt(num_classes - 1)
-    target = scale * (y - y.mean(dim=1, keepdim=True)) + delta * prox.to(y)  # A = c Y M + delta prox
+    target = scale * (y - y.mean(dim=1, keepdim=True)) + delta * prox  # A = c Y M + delta prox
     if solver == "svd":
-        return PolarFactor.apply(target).to(features.dtype)
-    if solver == "trust-regions":
-        from guided_nc.solvers import trust_region_nearest_etf
-
-        return trust_region_nearest_etf(features, prox, delta).to(features.dtype)
-    raise ValueError(f"solver={solver!r} is not supported; use 'svd' or 'trust-regions'")
+        frame = PolarFactor.apply(target)
+    else:
+        frame = TrustRegionPolarFactor.apply(target, y.detach(), prox, delta, max_iterations)
+    return frame.to(features.dtype)
 
 
 def etf_distance(features: torch.Tensor) -> torch.Tensor:
@@ -260,12 +358,28 @@ def _check_stiefel(frame: torch.Tensor, name: str, dim: int, num_classes: int) -
     if not isinstance(frame, torch.Tensor) or tuple(frame.shape) != (dim, num_classes):
         shape = tuple(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
         raise ValueError(f"{name} must be a ({dim}, {num_classes}) tensor, got {shape}")
-    gram = frame.to(COMPUTE_DTYPE).T @ frame.to(COMPUTE_DTYPE)
-    error = (gram - torch.eye(num_classes, dtype=COMPUTE_DTYPE, device=frame.device)).abs().max()
+    # O(dK) instead of the O(dK^2) Gram matrix (the check runs every training step, next to an
+    # SVD of the same order): P^T P = I  <=>  P^T P x = x for every x, so test the column norms
+    # exactly and P^T P - I on two fixed generic probe vectors (a failure to detect would need
+    # P^T P - I to vanish on both, a measure-zero event for these fixed pseudo-random probes).
+    matrix = frame.detach().to(COMPUTE_DTYPE)
+    norm_error = (matrix.pow(2).sum(dim=0) - 1.0).abs().max()
+    probes = _probe_vectors(num_classes, matrix.device)
+    probe_error = (matrix.T @ (matrix @ probes) - probes).abs().max()
+    error = torch.maximum(norm_error, probe_error)
     tolerance = 1e-4 if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
     if not torch.isfinite(error) or error > tolerance:
         raise ValueError(
-            f"{name} must have orthonormal columns (P^T P = I), but max|P^T P - I| = "
-            f"{float(error):.3g}; pass a Stiefel point, e.g. the previous nearest_etf output"
+            f"{name} must have orthonormal columns (P^T P = I), but max|(P^T P - I) x| = "
+            f"{float(error):.3g} for unit probes x; pass a Stiefel point, e.g. the previous "
+            "nearest_etf output"
         )
     return frame
+
+
+def _probe_vectors(num_classes: int, device: torch.device) -> torch.Tensor:
+    """Two fixed unit vectors of length K (float64) with generic, non-zero entries."""
+    probes = torch.randn(
+        num_classes, 2, generator=torch.Generator().manual_seed(0), dtype=COMPUTE_DTYPE
+    )
+    return (probes / probes.norm(dim=0)).to(device)

@@ -1,0 +1,483 @@
+"""Benchmark of the nearest-ETF layer: closed form vs the paper's solver, in one run.
+
+For each (d, K) it times ``nearest_etf`` forward and forward+backward (closed-form SVD forward,
+closed-form backward) and, unless ``--no-baseline``, the paper-faithful baseline: pymanopt trust
+regions (at most 30 iterations, stopping at gradient norm 1e-6, warm-started from the previous
+solution) for the forward and the dense Proposition-1 backward
+(:func:`guided_nc.solvers.dense_ddn_backward`, in the input dtype as in the release). Every
+measurement runs in a fresh subprocess, so its peak extra memory is its own: on Linux the peak
+resident set size (reset before each measurement) over the resident size before it, elsewhere the
+growth of ``ru_maxrss``; on CUDA ``torch.cuda.max_memory_allocated`` over the allocated bytes
+before it. Times are medians of ``--repeats`` calls after one warm-up call (baseline: one call);
+the process CPU time is reported too, the steadier number on a shared machine. The baseline is
+skipped, with the reason printed, when its dense arrays exceed ``--baseline-max-gib`` or it runs
+past ``--baseline-timeout`` (trust regions) or ``--dense-backward-timeout`` seconds.
+
+Inputs mimic a training step: Y is a random d x K matrix of unit Frobenius norm, ``prox`` the
+nearest ETF of a nearby Y (the previous step), G = dL/dP a random matrix; seed fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DEFAULT_SIZES = "512x10,1024x100,1024x200,1024x1000,2048x1000"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``guided-nc bench etf``."""
+    parser.add_argument(
+        "--sizes",
+        default=DEFAULT_SIZES,
+        help=f"comma-separated dxK cases (default {DEFAULT_SIZES})",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the closed form")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="input dtype")
+    parser.add_argument("--delta", type=float, default=1e-3, help="proximal coefficient")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the paper's solver")
+    parser.add_argument(
+        "--baseline-timeout",
+        type=float,
+        default=120.0,
+        help="seconds after which the trust-region forward is abandoned (default 120)",
+    )
+    parser.add_argument(
+        "--baseline-min-gradient-norm",
+        type=float,
+        default=1e-6,
+        help="trust-region stopping tolerance (pymanopt's and the release's 1e-6; 0 runs all "
+        "30 iterations, as the release's float32 GPU solver usually does)",
+    )
+    parser.add_argument(
+        "--dense-backward-timeout",
+        type=float,
+        default=600.0,
+        help="seconds after which the dense Proposition-1 backward is abandoned (default 600)",
+    )
+    parser.add_argument(
+        "--baseline-max-gib",
+        type=float,
+        default=6.0,
+        help="largest dense Proposition-1 backward to attempt, GiB (default 6)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in each measurement (default: torch's)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"512x10,1024x100"`` -> ``[(512, 10), (1024, 100)]``; ValueError names a bad entry."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"--sizes entry {item!r} is not of the form DxK, e.g. 1024x100")
+        dim, num_classes = int(parts[0]), int(parts[1])
+        if num_classes < 2 or dim < num_classes:
+            raise ValueError(f"--sizes entry {item!r} needs K >= 2 and d >= K")
+        sizes.append((dim, num_classes))
+    return sizes
+
+
+# --- measurements (each runs in its own subprocess) -------------------------------------------
+
+
+def _inputs(dim: int, num_classes: int, dtype: torch.dtype, device: str, seed: int, delta: float):
+    from guided_nc.etf import nearest_etf
+
+    generator = torch.Generator().manual_seed(seed)
+    previous = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    features = previous + 0.1 * torch.randn(dim, num_classes, generator=generator).double()
+    prox = nearest_etf(previous / previous.norm(), delta=delta)
+    grad = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    to = {"dtype": dtype, "device": device}
+    return (features / features.norm()).to(**to), prox.to(**to), grad.to(**to)
+
+
+def _max_rss_bytes() -> int:
+    scale = 1 if platform.system() == "Darwin" else 1024  # Linux reports KiB, macOS bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        _proc_status_bytes("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+class _Peak:
+    """Peak extra memory of what runs between construction and ``read()``.
+
+    CUDA: ``max_memory_allocated`` over the allocated bytes at construction. CPU: the peak
+    resident set size over the resident size at construction; on Linux the peak is reset at
+    construction (so a later measurement in the same process is its own), elsewhere
+    ``ru_maxrss``, which only measures growth over the process's earlier peak.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        elif _reset_peak_rss():
+            self.resettable = True
+            self.base = _proc_status_bytes("VmRSS")
+        else:
+            self.resettable = False
+            self.base = _max_rss_bytes()
+
+    def read(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if self.resettable:
+            return _proc_status_bytes("VmHWM") - self.base
+        return _max_rss_bytes() - self.base
+
+
+def _timed(function, repeats: int, device: str) -> tuple[float, float]:
+    """Median wall-clock and median process CPU seconds of ``repeats`` calls (after warm-up).
+
+    On a shared machine the CPU time (all threads of this process) is the steadier number: with
+    one thread it is the wall time the call would take on an idle core.
+    """
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return statistics.median(times), statistics.median(cpu_times)
+
+
+def measure_closed_form(
+    dim: int, num_classes: int, dtype: str, device: str, repeats: int, seed: int, delta: float
+) -> dict:
+    """Closed-form forward and forward+backward: median seconds and peak extra bytes."""
+    from guided_nc.etf import nearest_etf
+
+    features, prox, grad = _inputs(dim, num_classes, DTYPES[dtype], device, seed, delta)
+    features.requires_grad_(True)
+    # Start autograd's machinery on a tiny problem so that its one-off cost is not counted.
+    tiny = torch.randn(4, 2, dtype=features.dtype, device=device, requires_grad=True)
+    nearest_etf(tiny).sum().backward()
+
+    def forward():
+        return nearest_etf(features, prox, delta)
+
+    def forward_backward():
+        features.grad = None
+        torch.autograd.backward(nearest_etf(features, prox, delta), grad)
+
+    peak = _Peak(device)
+    forward()  # warm-up
+    forward_backward()
+    first_peak = peak.read()  # includes one-off library workspaces (e.g. BLAS buffers)
+    peak = _Peak(device)
+    forward()
+    forward_peak = peak.read()
+    peak = _Peak(device)
+    forward_backward()
+    both_peak = peak.read()
+    forward_s, forward_cpu_s = _timed(forward, repeats, device)
+    both_s, both_cpu_s = _timed(forward_backward, repeats, device)
+    return {
+        "forward_s": forward_s,
+        "forward_backward_s": both_s,
+        "forward_cpu_s": forward_cpu_s,
+        "forward_backward_cpu_s": both_cpu_s,
+        "forward_peak_bytes": forward_peak,
+        "forward_backward_peak_bytes": both_peak,
+        "first_call_peak_bytes": first_peak,
+    }
+
+
+def measure_trust_regions(
+    dim: int,
+    num_classes: int,
+    dtype: str,
+    seed: int,
+    delta: float,
+    min_gradient_norm: float = 1e-6,
+) -> dict:
+    """The paper's forward: <= 30 trust-region iterations from prox (CPU, numpy float64)."""
+    from guided_nc.solvers import trust_region_nearest_etf
+
+    features, prox, _ = _inputs(dim, num_classes, DTYPES[dtype], "cpu", seed, delta)
+    # Import pymanopt and run it once on a tiny problem so that one-off costs are not counted.
+    trust_region_nearest_etf(torch.eye(4, 2, dtype=torch.float64), None, delta, 30)
+    peak = _Peak("cpu")
+    start = time.perf_counter()
+    _, info = trust_region_nearest_etf(
+        features, prox, delta, 30, min_gradient_norm=min_gradient_norm, return_info=True
+    )
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_bytes": peak.read(), "iterations": info["iterations"]}
+
+
+def measure_dense_backward(dim: int, num_classes: int, dtype: str, seed: int, delta: float) -> dict:
+    """The paper's backward: dense Proposition 1 in ``dtype`` at the closed-form optimum."""
+    from guided_nc.etf import nearest_etf
+    from guided_nc.solvers import dense_ddn_backward
+
+    features, prox, grad = _inputs(dim, num_classes, DTYPES[dtype], "cpu", seed, delta)
+    frame = nearest_etf(features, prox, delta)
+    peak = _Peak("cpu")
+    start = time.perf_counter()
+    dense_ddn_backward(features, frame, prox, delta, grad, max_bytes=2**62, dtype=DTYPES[dtype])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_bytes": peak.read()}
+
+
+WORKERS = {
+    "closed": measure_closed_form,
+    "trust-regions": measure_trust_regions,
+    "dense-backward": measure_dense_backward,
+}
+
+
+def _run_worker(kind: str, kwargs: dict, timeout: float | None, threads: int | None) -> dict:
+    """Run one measurement in a fresh interpreter; ``{"error": reason}`` when it fails."""
+    command = [sys.executable, "-m", "guided_nc.bench.etf", "--worker", kind, json.dumps(kwargs)]
+    environment = dict(os.environ)
+    if threads is not None:  # before torch starts its thread pools
+        environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=environment
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"> {timeout:.0f} s (abandoned)"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _mb(num_bytes: int) -> str:
+    # A negative growth (the allocator returned memory below the starting level) shows as 0.
+    return f"{max(num_bytes, 0) / 1e6:.0f} MB"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print one row per size (and a markdown table with --markdown)."""
+    from tqdm import tqdm
+
+    from guided_nc.solvers import dense_ddn_bytes
+
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.repeats < 1:
+        print(f"error: --repeats={args.repeats} must be >= 1", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device={args.device} but CUDA is not available; use cpu", file=sys.stderr)
+        return 2
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"# nearest ETF: torch {torch.__version__}, {threads} threads, "
+        f"device {args.device}, input {args.dtype}, delta {args.delta}, "
+        f"repeats {args.repeats}, {platform.processor() or platform.machine()}",
+        flush=True,
+    )
+    rows = []
+    progress = tqdm(
+        sizes,
+        desc="bench etf",
+        disable=args.no_progress or not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
+    for dim, num_classes in progress:
+        common = {"dim": dim, "num_classes": num_classes, "dtype": args.dtype, "seed": args.seed}
+        common["delta"] = args.delta
+        closed = _run_worker(
+            "closed", {**common, "device": args.device, "repeats": args.repeats}, None, args.threads
+        )
+        row = {"d": dim, "K": num_classes, "closed": closed}
+        if not args.no_baseline:
+            row["trust_regions"] = _run_worker(
+                "trust-regions",
+                {**common, "min_gradient_norm": args.baseline_min_gradient_norm},
+                args.baseline_timeout,
+                args.threads,
+            )
+            needed = dense_ddn_bytes(dim, num_classes, DTYPES[args.dtype])
+            if needed > args.baseline_max_gib * 2**30:
+                row["dense_backward"] = {
+                    "error": f"needs {needed / 2**30:,.0f} GiB > --baseline-max-gib "
+                    f"{args.baseline_max_gib:g}"
+                }
+            else:
+                row["dense_backward"] = _run_worker(
+                    "dense-backward", common, args.dense_backward_timeout, args.threads
+                )
+        rows.append(row)
+        print(_text_row(row), flush=True)
+    if args.markdown:
+        print()
+        print(markdown_table(rows, baseline=not args.no_baseline))
+    return 0 if all("error" not in row["closed"] for row in rows) else 1
+
+
+def _text_row(row: dict) -> str:
+    closed = row["closed"]
+    head = f"d={row['d']} K={row['K']}: "
+    if "error" in closed:
+        return head + f"closed form {closed['error']}"
+    text = head + (
+        f"forward {_ms(closed['forward_s'])} (CPU {_ms(closed['forward_cpu_s'])}), "
+        f"forward+backward {_ms(closed['forward_backward_s'])} "
+        f"(CPU {_ms(closed['forward_backward_cpu_s'])}), "
+        f"peak +{_mb(closed['forward_backward_peak_bytes'])} "
+        f"(first call +{_mb(closed['first_call_peak_bytes'])})"
+    )
+    if "trust_regions" in row:
+        forward, backward = row["trust_regions"], row["dense_backward"]
+        cells = _baseline_cells(row)
+        text += (
+            f" | baseline forward {forward.get('error') or _ms(forward['seconds'])}, "
+            f"dense backward {backward.get('error') or _ms(backward['seconds'])}"
+            f" | speed-up forward {cells['forward_ratio']}, forward+backward {cells['both_ratio']}"
+        )
+    return text
+
+
+def _baseline_cells(row: dict) -> dict:
+    closed, forward, backward = row["closed"], row["trust_regions"], row["dense_backward"]
+    cells = {
+        "forward": forward.get("error")
+        or f"{_ms(forward['seconds'])} ({forward['iterations']} it.)",
+        "backward": backward.get("error") or _ms(backward["seconds"]),
+        "peak": "-",
+        "forward_ratio": "-",
+        "both_ratio": "-",
+    }
+    if "error" in closed:
+        return cells
+    if "error" not in forward:
+        cells["forward_ratio"] = f"{forward['seconds'] / closed['forward_s']:,.0f}x"
+    elif "abandoned" in forward["error"]:
+        limit = float(forward["error"].split()[1])
+        cells["forward_ratio"] = f"> {limit / closed['forward_s']:,.0f}x"
+    if "error" not in forward and "error" not in backward:
+        total = forward["seconds"] + backward["seconds"]
+        cells["both_ratio"] = f"{total / closed['forward_backward_s']:,.0f}x"
+        cells["peak"] = _mb(max(forward["peak_bytes"], backward["peak_bytes"]))
+    elif "error" not in forward:
+        cells["peak"] = _mb(forward["peak_bytes"]) + " (fwd)"
+    return cells
+
+
+def markdown_table(rows: list[dict], baseline: bool = True) -> str:
+    """A markdown table of the benchmark rows returned by the workers."""
+    header = [
+        "d",
+        "K",
+        "forward",
+        "forward+backward",
+        "peak extra memory fwd / fwd+bwd (first call)",
+    ]
+    if baseline:
+        header += [
+            "baseline forward (TR, <= 30 it.)",
+            "baseline backward (dense Prop. 1)",
+            "baseline peak extra memory",
+            "speed-up forward",
+            "speed-up fwd+bwd",
+        ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        closed = row["closed"]
+        if "error" in closed:
+            cells = [str(row["d"]), str(row["K"]), closed["error"], "-", "-"]
+        else:
+            cells = [
+                str(row["d"]),
+                str(row["K"]),
+                f"{_ms(closed['forward_s'])} (CPU {_ms(closed['forward_cpu_s'])})",
+                f"{_ms(closed['forward_backward_s'])} "
+                f"(CPU {_ms(closed['forward_backward_cpu_s'])})",
+                f"{_mb(closed['forward_peak_bytes'])} / "
+                f"{_mb(closed['forward_backward_peak_bytes'])} "
+                f"({_mb(closed['first_call_peak_bytes'])})",
+            ]
+        if baseline:
+            extra = _baseline_cells(row)
+            cells += [
+                extra["forward"],
+                extra["backward"],
+                extra["peak"],
+                extra["forward_ratio"],
+                extra["both_ratio"],
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``python -m guided_nc.bench.etf --worker KIND JSON``: one measurement, JSON on stdout."""
+    kind, kwargs = argv[1], json.loads(argv[2])
+    result = WORKERS[kind](**kwargs)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m guided_nc.bench.etf`` / benchmarks/bench_etf.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv)
+    parser = argparse.ArgumentParser(prog="bench_etf", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
