@@ -1,11 +1,16 @@
 """guided-nc: guiding neural collapse towards the nearest simplex ETF.
 
 The public API is re-exported here; see README.md and docs/.
+
+>>> import torch, guided_nc
+>>> W = guided_nc.simplex_etf(3, 4, dtype=torch.float64)
+>>> torch.allclose(W @ W.T, 1.5 * guided_nc.centering_matrix(3, dtype=torch.float64))
+True
 """
 
 __version__ = "0.1.0"
 
-from guided_nc.etf import (  # noqa: E402
+from guided_nc.etf import (
     centering_matrix,
     etf_classifier,
     etf_distance,
@@ -14,14 +19,39 @@ from guided_nc.etf import (  # noqa: E402
     polar_factor,
     simplex_etf,
 )
+from guided_nc.heads import (
+    FixedETFHead,
+    ImplicitETFHead,
+    LearnableHead,
+    build_head,
+    normalize_features,
+    renormalize_heads_,
+)
+from guided_nc.metrics import NeuralCollapseMetrics, ce_lower_bound, collect_metrics
+from guided_nc.optim import AGD, build_optimizer, build_scheduler, orthogonal_init_
+from guided_nc.sampler import StratifiedBatchSampler
 
 __all__ = [
+    "AGD",
+    "FixedETFHead",
+    "ImplicitETFHead",
+    "LearnableHead",
+    "NeuralCollapseMetrics",
+    "StratifiedBatchSampler",
     "__version__",
+    "build_head",
+    "build_optimizer",
+    "build_scheduler",
+    "ce_lower_bound",
     "centering_matrix",
+    "collect_metrics",
     "etf_classifier",
     "etf_distance",
     "haar_stiefel",
     "nearest_etf",
+    "normalize_features",
+    "orthogonal_init_",
     "polar_factor",
+    "renormalize_heads_",
     "simplex_etf",
 ]

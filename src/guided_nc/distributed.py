@@ -65,13 +65,13 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         grad = grad_output.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad

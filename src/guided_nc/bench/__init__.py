@@ -1,6 +1,7 @@
-"""``guided-nc bench {etf,metrics,step}``: benchmarks that time the baseline in the same run.
+"""``guided-nc bench {etf,metrics,step}``: benchmarks that time their baseline in the same run.
 
-Each submodule exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each submodule exposes ``add_arguments(parser)`` and ``run(args) -> int``; results and the
+machine they were measured on are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ BENCHMARKS = {
 
 def register_cli(subparsers) -> None:
     """Add ``bench`` and its sub-benchmarks to the CLI."""
-    parser = subparsers.add_parser("bench", help="run a benchmark", description=__doc__)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Benchmarks that time the baseline in the same run and print the ratios.",
+    )
     inner = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, (module_name, help_text) in BENCHMARKS.items():
         module = importlib.import_module(module_name)
