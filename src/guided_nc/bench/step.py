@@ -1,0 +1,297 @@
+"""Time per training step and peak memory of each head, measured in the same run.
+
+A step is forward + cross-entropy + backward + optimiser step (+ the standard head's row
+re-normalisation). Heads: ``standard``, ``fixed`` (fixed simplex ETF), ``implicit`` (nearest ETF
+with the DDN gradient) and ``implicit-no-ddn`` (nearest ETF, gradient only through the logits and
+the bias). Each head gets its own copy of the same initial backbone; repeats are interleaved
+(one step of each head in turn) so machine noise hits every head alike, and the median is
+reported.
+
+Settings (paper Table 3 / Figure 5):
+
+* ``resnet18-cifar``: ResNet18 (CIFAR stem) on random 3x32x32 images, d = 512, K = 10,
+  batch 256 (``--batch-size`` smaller for a CPU); ``--no-backbone`` times the head alone.
+* ``imagenet-head``: a ResNet50-ImageNet-sized head, d = 2048, K = 1000, batch 256, on free
+  random features (a batch of features trained as parameters, as in the unconstrained-feature
+  model); ``--backbone`` adds a ResNet50 on 3x224x224 images (a GPU job).
+
+Peak memory: ``torch.cuda.max_memory_allocated`` per head on CUDA. On a CPU there is no
+resettable allocator peak, so the benchmark reports the memory autograd saves for the backward
+pass (unique storages packed by ``saved_tensors_hooks``): the part of the peak that differs
+between heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["HEADS", "SETTINGS", "add_arguments", "measure_steps", "run"]
+
+HEADS = ("standard", "fixed", "implicit", "implicit-no-ddn")
+SETTINGS = {
+    # name: (backbone, image shape, d, K)
+    "resnet18-cifar": ("resnet18", (3, 32, 32), 512, 10),
+    "imagenet-head": ("resnet50", (3, 224, 224), 2048, 1000),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``guided-nc bench step``."""
+    parser.add_argument(
+        "--setting",
+        choices=(*SETTINGS, "all"),
+        default="all",
+        help="which configuration to time (default: all)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per head")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per head first")
+    parser.add_argument(
+        "--heads",
+        default=",".join(HEADS),
+        help=f"comma-separated subset of {','.join(HEADS)}",
+    )
+    backbone = parser.add_mutually_exclusive_group()
+    backbone.add_argument(
+        "--backbone",
+        dest="backbone",
+        action="store_true",
+        default=None,
+        help="time with the backbone (default for resnet18-cifar)",
+    )
+    backbone.add_argument(
+        "--no-backbone",
+        dest="backbone",
+        action="store_false",
+        help="time the head on free random features (default for imagenet-head)",
+    )
+    parser.add_argument("--optimizer", choices=("agd", "sgd"), default="agd")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+
+
+class _FreeFeatures(nn.Module):
+    """A batch of features trained as parameters (head-only timing); input is ignored."""
+
+    def __init__(self, batch_size: int, num_features: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.features = nn.Parameter(torch.randn(batch_size, num_features, generator=generator))
+        self.num_features = num_features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.features
+
+
+def _saved_tensor_bytes(step) -> tuple[Any, int]:
+    """Run ``step()`` and count the bytes of unique storages autograd saves for backward."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    return result, sum(seen.values())
+
+
+def measure_steps(
+    backbone: nn.Module,
+    num_classes: int,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    heads: tuple[str, ...] = HEADS,
+    repeats: int = 5,
+    warmup: int = 1,
+    optimizer_name: str = "agd",
+    temperature: float = 5.0,
+) -> dict[str, dict[str, float]]:
+    """Time ``repeats`` training steps of each head (interleaved) on the same inputs.
+
+    Args:
+        backbone: module mapping ``inputs`` to features (B, d); copied once per head.
+        num_classes: K.
+        inputs: a batch (B, ...) on the target device; labels (B,) int64.
+        heads: subset of :data:`HEADS`.
+
+    Returns:
+        ``{head: {"time_per_step_s", "time_min_s", "time_max_s", "peak_memory_mb",
+        "memory_kind", "overhead_percent"}}``; overhead is relative to ``standard`` when timed.
+    """
+    from guided_nc.heads import build_head
+    from guided_nc.optim import build_optimizer
+
+    unknown = sorted(set(heads) - set(HEADS))
+    if unknown:
+        raise ValueError(f"heads={unknown} unknown; choose from {list(HEADS)}")
+    device = inputs.device
+    num_features = backbone.num_features
+    runs = {}
+    for name in heads:
+        method = "implicit" if name.startswith("implicit") else name
+        head = build_head(
+            method,
+            num_features,
+            num_classes,
+            temperature=temperature,
+            **({"ddn_grad": name == "implicit"} if method == "implicit" else {}),
+        )
+        body = copy.deepcopy(backbone)
+        parameters = [p for m in (body, head) for p in m.parameters() if p.requires_grad]
+        optimizer = build_optimizer(optimizer_name, parameters, lr=0.01, weight_decay=0.0)
+        runs[name] = (body.to(device), head.to(device), optimizer)
+
+    def step(body, head, optimizer) -> None:
+        loss = F.cross_entropy(head(body(inputs), labels), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if hasattr(head, "renormalize_"):
+            head.renormalize_()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {name: [] for name in heads}
+    memory: dict[str, float] = {name: 0.0 for name in heads}
+    for index in range(warmup + repeats):
+        for name, (body, head, optimizer) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize()
+            start = time.perf_counter()
+            if device.type == "cuda":
+                step(body, head, optimizer)
+            else:
+                _, saved = _saved_tensor_bytes(lambda b=body, h=head, o=optimizer: step(b, h, o))
+                memory[name] = max(memory[name], saved / 2**20)
+            synchronize()
+            elapsed = time.perf_counter() - start
+            if device.type == "cuda":
+                memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device) / 2**20)
+            if index >= warmup:
+                times[name].append(elapsed)
+    results = {}
+    for name in heads:
+        results[name] = {
+            "time_per_step_s": statistics.median(times[name]),
+            "time_min_s": min(times[name]),
+            "time_max_s": max(times[name]),
+            "peak_memory_mb": memory[name],
+            "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "saved_for_backward",
+        }
+    if "standard" in results:
+        base = results["standard"]["time_per_step_s"]
+        for name in heads:
+            results[name]["overhead_percent"] = 100.0 * (
+                results[name]["time_per_step_s"] / base - 1.0
+            )
+    return results
+
+
+def _build_setting(
+    setting: str, batch_size: int, with_backbone: bool, device: torch.device, seed: int
+) -> tuple[nn.Module, int, torch.Tensor, torch.Tensor]:
+    from guided_nc.models import build_backbone
+
+    name, shape, num_features, num_classes = SETTINGS[setting]
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(batch_size) % num_classes
+    labels = labels[torch.randperm(batch_size, generator=generator)]
+    if with_backbone:
+        torch.manual_seed(seed)
+        backbone = build_backbone(
+            name, in_channels=shape[0], image_size=shape[1], affine=False, bias=False
+        )
+        inputs = torch.randn(batch_size, *shape, generator=generator)
+    else:
+        backbone = _FreeFeatures(batch_size, num_features, generator)
+        inputs = torch.zeros(batch_size, 1)
+    if backbone.num_features != num_features:
+        raise RuntimeError(f"{name} has d={backbone.num_features}, expected {num_features}")
+    return backbone.to(device), num_classes, inputs.to(device), labels.to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print a markdown table per setting; return 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError(
+            f"batch_size={args.batch_size}, repeats={args.repeats}, warmup={args.warmup}: "
+            "need batch_size >= 1, repeats >= 1, warmup >= 0"
+        )
+    device_name = args.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    heads = tuple(h for h in args.heads.split(",") if h)
+    settings = list(SETTINGS) if args.setting == "all" else [args.setting]
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "optimizer": args.optimizer,
+        "settings": {},
+    }
+    for setting in settings:
+        with_backbone = args.backbone
+        if with_backbone is None:
+            with_backbone = setting == "resnet18-cifar"
+        backbone, num_classes, inputs, labels = _build_setting(
+            setting, args.batch_size, with_backbone, device, args.seed
+        )
+        results = measure_steps(
+            backbone,
+            num_classes,
+            inputs,
+            labels,
+            heads=heads,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            optimizer_name=args.optimizer,
+        )
+        report["settings"][setting] = {"backbone": with_backbone, "heads": results}
+        print(f"\n{setting} (backbone: {with_backbone}, batch {args.batch_size}, {device})")
+        print(format_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table: head, median time per step [min, max], overhead, peak memory."""
+    lines = [
+        "| head | time per step (s), median [min, max] | vs standard | memory (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        overhead = r.get("overhead_percent")
+        shown = "-" if overhead is None else f"{overhead:+.1f} %"
+        lines.append(
+            f"| {name} | {r['time_per_step_s']:.4f} [{r['time_min_s']:.4f}, "
+            f"{r['time_max_s']:.4f}] | {shown} | {r['peak_memory_mb']:.1f} ({r['memory_kind']}) |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Atomic checkpoints and the random-number-generator state a resumed run needs.
+
+A checkpoint is written to a temporary file in the same folder and moved over the old one with
+:func:`os.replace` (atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact.
+It is read back with ``torch.load(..., weights_only=True)``: every value stored here is a tensor,
+a number, a string, ``None`` or a list/dict of those (numpy's and Python's generator states are
+converted to tensors and lists for that reason).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write_text",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, then ``os.replace`` it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        # Why BaseException: a KeyboardInterrupt mid-write must not leave temp files behind.
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    _atomic_write(Path(path), lambda file: file.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Save ``state`` with :func:`torch.save` atomically (temp file + :func:`os.replace`).
+
+    ``state`` must be loadable with ``weights_only=True``: tensors, numbers, strings, ``None``
+    and (nested) lists, tuples and dicts of those.
+    """
+    _atomic_write(Path(path), lambda file: torch.save(state, file))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; train without --resume first"
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global generators' states: torch CPU, every CUDA device, numpy and Python ``random``.
+
+    Returns a dict of tensors and lists that :func:`torch.save` stores with ``weights_only``.
+    """
+    numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()  # noqa: NPY002 (the global state is what we save)
+    python_version, python_internal, python_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(numpy_kind),
+            "keys": torch.from_numpy(np.asarray(numpy_keys, dtype=np.int64)),
+            "pos": int(numpy_pos),
+            "has_gauss": int(numpy_has_gauss),
+            "cached_gaussian": float(numpy_gauss),
+        },
+        "python": {
+            "version": int(python_version),
+            "internal": list(python_internal),
+            "gauss_next": python_gauss,
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators captured by :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+    )
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
