@@ -306,3 +306,20 @@ def test_resume_with_a_changed_configuration_is_an_error(tmp_path):
     fit(tiny_config(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"\['method'\] differ"):
         fit(tiny_config(tmp_path, epochs=1, method="fixed", resume=True))
+
+
+def test_long_tail_and_label_noise_flags_reach_the_training_split(tmp_path):
+    """--long-tail exp --imbalance-factor 0.5 keeps int(n_max * 0.5^(c/(K-1))) of class c."""
+    from guided_nc.data import build_datasets
+    from guided_nc.report import read_long_csv
+
+    clean_counts = torch.bincount(build_datasets("digits", augment=False).train_labels)
+    n_max = int(clean_counts.min())  # the release's rule: the smallest class sets the head
+    expected = sum(int(n_max * 0.5 ** (c / 9)) for c in range(10))
+    config = tiny_config(
+        tmp_path, epochs=1, eval_epochs=(1,), long_tail="exp", imbalance_factor=0.5,
+        label_noise=0.1,
+    )  # fmt: skip
+    rows = read_long_csv(fit(config) / "metrics.csv")
+    assert rows[-1]["train_n"] == expected < int(clean_counts.sum())
+    assert rows[-1]["test_n"] == 360  # the test split stays balanced and clean

@@ -115,6 +115,16 @@ class TrainConfig:
     )
     download: bool = field(default=False, metadata={"help": "allow torchvision downloads"})
     augment: bool = field(default=True, metadata={"help": "training-set augmentation"})
+    long_tail: str | None = field(
+        default=None,
+        metadata={"help": "long-tailed training split: 'exp' or 'step' (with --imbalance-factor)"},
+    )
+    imbalance_factor: float = field(
+        default=1.0, metadata={"help": "long tail: smallest / largest class size (< 1)"}
+    )
+    label_noise: float = field(
+        default=0.0, metadata={"help": "fraction of training labels replaced by another class"}
+    )
     bias: bool | None = field(
         default=None,
         metadata={"help": "biases and norm-layer affine parameters (default: off with AGD)"},

@@ -161,6 +161,14 @@ def _gather_rank_states(state: torch.Tensor) -> list[torch.Tensor]:
     return [row.to(torch.uint8) for row in table]
 
 
+def _augmentation_state(dataset) -> torch.Tensor:
+    """The in-memory dataset's augmentation-generator state; empty for file-backed datasets
+    (ImageFolder), whose torchvision transforms draw from torch's global generator instead."""
+    if hasattr(dataset, "state_dict"):
+        return dataset.state_dict()["generator"]
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def fit(config: TrainConfig) -> Path:
     """Train ``config.model`` with the ``config.method`` head; return the run folder.
 
@@ -217,6 +225,9 @@ def fit(config: TrainConfig) -> Path:
             root=config.data_root,
             download=config.download,
             augment=config.augment,
+            long_tail=config.long_tail,
+            imbalance_factor=config.imbalance_factor,
+            label_noise=config.label_noise,
             seed=config.seed,
             augmentation_seed=config.seed * 1000 + rank,
         )
@@ -299,7 +310,8 @@ def fit(config: TrainConfig) -> Path:
             sampler.load_state_dict(state["sampler"])
             restore_rng_state(state["rng"])
             torch.set_rng_state(state["rank_states"][rank]["torch"])
-            data.train.load_state_dict({"generator": state["rank_states"][rank]["data"]})
+            if hasattr(data.train, "load_state_dict"):  # in-memory datasets own their stream
+                data.train.load_state_dict({"generator": state["rank_states"][rank]["data"]})
             start_epoch, rows, timings = state["epoch"], state["rows"], state["timings"]
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +389,7 @@ def fit(config: TrainConfig) -> Path:
             # rank 0; the barriers keep every rank from running ahead of a half-written file.
             rank_states = zip(
                 _gather_rank_states(torch.get_rng_state()),
-                _gather_rank_states(data.train.state_dict()["generator"]),
+                _gather_rank_states(_augmentation_state(data.train)),
                 strict=True,
             )
             distributed.barrier()
