@@ -4,7 +4,18 @@ small CI machines, and tests import their helpers from this folder."""
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(int(os.environ.get("GUIDED_NC_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: bit-exact comparisons (resume, 1 vs 2 processes) need a
+    fixed thread count, and CI has 2 cores. Use with ``pytest.mark.usefixtures``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

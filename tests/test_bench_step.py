@@ -11,13 +11,7 @@ from guided_nc.bench.step import HEADS, measure_steps
 from guided_nc.cli import main
 from guided_nc.models import build_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_measure_steps_times_every_head_and_trains_it():

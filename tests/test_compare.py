@@ -6,7 +6,6 @@ import shutil
 import statistics
 
 import pytest
-import torch
 
 from guided_nc import compare as compare_module
 from guided_nc import train as train_module
@@ -15,13 +14,7 @@ from guided_nc.compare import run_comparison, run_folder, write_report
 from guided_nc.config import TrainConfig
 from guided_nc.report import read_long_csv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BASE = TrainConfig(

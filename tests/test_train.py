@@ -18,14 +18,7 @@ from guided_nc.models import MODEL_NAMES, build_backbone
 from guided_nc.optim import build_optimizer, build_scheduler
 from guided_nc.train import Classifier, build_head_for, fit, training_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: bit-exact comparisons need a fixed thread count, and CI has 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: A run small enough for unit tests: scikit-learn's digits (1437 train / 360 test, 8x8, K=10).

@@ -279,12 +279,8 @@ def nearest_etf(
     _check_delta(delta)
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
-    if solver == "trust-regions" and (
-        isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
-        raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
+    if solver == "trust-regions":
+        _check_max_iterations(max_iterations)
     dim = features.shape[0]
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE, device=features.device)
@@ -347,6 +343,12 @@ def _check_features(features: torch.Tensor) -> int:
             "rate) before computing the nearest ETF"
         )
     return num_classes
+
+
+def _check_max_iterations(max_iterations: int) -> None:
+    is_integer = isinstance(max_iterations, int) and not isinstance(max_iterations, bool)
+    if not is_integer or max_iterations < 1:
+        raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
 
 
 def _check_delta(delta: float) -> None:

@@ -21,6 +21,7 @@ from guided_nc.etf import (
     COMPUTE_DTYPE,
     _check_delta,
     _check_features,
+    _check_max_iterations,
     _check_stiefel,
 )
 
@@ -66,12 +67,7 @@ def trust_region_nearest_etf(
 
     num_classes = _check_features(features)
     _check_delta(delta)
-    if (
-        isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
-        raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
+    _check_max_iterations(max_iterations)
     dim = features.shape[0]
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE)

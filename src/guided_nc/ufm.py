@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from guided_nc import __version__, report
 from guided_nc.heads import build_head, normalize_features
-from guided_nc.metrics import NeuralCollapseMetrics, ce_lower_bound, cosine_margins
+from guided_nc.metrics import METRIC_KEYS, NeuralCollapseMetrics, ce_lower_bound, cosine_margins
 from guided_nc.optim import build_optimizer, build_scheduler, orthogonal_init_
 
 __all__ = [
@@ -81,28 +81,9 @@ BOUND_FACTOR = 1.01
 #: Columns of metrics.csv with a value every iteration (the rest only at NC evaluations).
 DENSE_COLUMNS = ("loss", "acc1", "eta")
 
-#: Metrics kept in metrics.csv from :meth:`NeuralCollapseMetrics.compute`.
-NC_COLUMNS = (
-    "nc1",
-    "nc2_w",
-    "nc2_h",
-    "nc3",
-    "ncc_mismatch",
-    "bias_collapse",
-    "cv_w",
-    "cv_h",
-    "equinorm",
-    "margin_mean",
-    "margin_min",
-    "margin_q05",
-    "margin_q25",
-    "margin_median",
-    "margin_q75",
-    "margin_q95",
-    "margin_max",
-    "etf_margin",
-    "etf_distance",
-)
+#: Metrics kept in metrics.csv from :meth:`NeuralCollapseMetrics.compute`: all of its keys but
+#: the accuracies (``acc1`` is dense above; ``acc5`` is not plotted) and the sample count.
+NC_COLUMNS = tuple(key for key in METRIC_KEYS if key not in ("acc1", "acc5", "n"))
 
 METRICS_FIELDS = ("preset", "method", "seed", "iteration", *DENSE_COLUMNS, *NC_COLUMNS)
 TIMINGS_FIELDS = ("preset", "method", "seed", "iteration", "step_seconds")
@@ -372,6 +353,24 @@ def _final_margins(
     return margins.float().numpy()
 
 
+def _build_problem(config: UFMConfig, method: str, seed: int):
+    """Free features (a fresh N x d Parameter from the seed's initial features), their labels,
+    the method's head and one optimiser over features and trainable head parameters."""
+    features_init, labels = initial_features(config.preset, seed)
+    features = torch.nn.Parameter(features_init.clone())
+    head = _build_head(config, method, seed)
+    parameters = [features] + [p for p in head.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        config.optimizer,
+        parameters,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        gain=config.gain,
+    )
+    return features, labels, head, optimizer
+
+
 def train_run(
     config: UFMConfig, method: str, seed: int, progress_bar: tqdm | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray]:
@@ -383,19 +382,8 @@ def train_run(
     :func:`evaluation_iterations`). Iteration 0 is the initial state.
     """
     preset = config.preset
-    features_init, labels = initial_features(preset, seed)
-    features = torch.nn.Parameter(features_init.clone())
-    head = _build_head(config, method, seed)
+    features, labels, head, optimizer = _build_problem(config, method, seed)
     head.train()
-    parameters = [features] + [p for p in head.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        config.optimizer,
-        parameters,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        gain=config.gain,
-    )
     scheduler = build_scheduler(
         optimizer,
         config.schedule,
@@ -485,18 +473,7 @@ def measure_step_times(
         variant_config = (
             dataclasses.replace(config, ddn_grad=False) if variant == "implicit-no-ddn" else config
         )
-        features_init, labels = initial_features(config.preset, seed)
-        features = torch.nn.Parameter(features_init)
-        head = _build_head(variant_config, method, seed)
-        parameters = [features] + [p for p in head.parameters() if p.requires_grad]
-        optimizer = build_optimizer(
-            config.optimizer,
-            parameters,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            momentum=config.momentum,
-            gain=config.gain,
-        )
+        features, labels, head, optimizer = _build_problem(variant_config, method, seed)
         states[variant] = (features, labels, head, optimizer, method)
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     for round_index in range(warmup + steps):
