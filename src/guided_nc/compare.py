@@ -130,9 +130,8 @@ def measure_heads(
     """
     from guided_nc.bench.step import measure_steps
     from guided_nc.data import build_datasets
-    from guided_nc.models import build_backbone
     from guided_nc.sampler import StratifiedBatchSampler
-    from guided_nc.train import _resolve_device
+    from guided_nc.train import _resolve_device, build_backbone_for
 
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -141,15 +140,7 @@ def measure_heads(
     data = build_datasets(base.dataset, root=base.data_root, download=base.download, augment=False)
     sampler = StratifiedBatchSampler(data.train_labels, batch_size=base.batch_size, seed=base.seed)
     inputs, labels = next(iter(data.train_loader(sampler)))
-    backbone = build_backbone(
-        base.model,
-        input_shape=data.input_shape,
-        affine=base.bias,
-        bias=base.bias,
-        width=base.width,
-        depth=base.depth,
-        **({"batch_norm": base.batch_norm} if base.model in ("mlp", "cnn") else {}),
-    )
+    backbone = build_backbone_for(base, data.input_shape)
     heads = [m for m in methods if m != "implicit"]
     if "implicit" in methods:
         heads += ["implicit", "implicit-no-ddn"]

@@ -74,6 +74,25 @@ class Classifier(nn.Module):
         return self.head(self.backbone(inputs), labels)
 
 
+def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.Module:
+    """The backbone of ``config.model`` for inputs of ``input_shape`` (C, H, W) or (L,).
+
+    ``config.bias`` switches the biases and the norm-layer affine parameters together (off for
+    AGD); ``batch_norm`` only applies to the MLP and the small CNN.
+    """
+    from guided_nc.models import build_backbone
+
+    return build_backbone(
+        config.model,
+        input_shape=input_shape,
+        affine=config.bias,
+        bias=config.bias,
+        width=config.width,
+        depth=config.depth,
+        **({"batch_norm": config.batch_norm} if config.model in ("mlp", "cnn") else {}),
+    )
+
+
 def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
     """The head of ``config.method`` with the config's tau (and delta / DDN gradient).
 
@@ -184,7 +203,7 @@ def fit(config: TrainConfig) -> Path:
     from guided_nc.data import build_datasets, build_loader
     from guided_nc.heads import normalize_features
     from guided_nc.metrics import collect_metrics
-    from guided_nc.models import build_backbone, check_no_one_dimensional_parameters
+    from guided_nc.models import check_no_one_dimensional_parameters
     from guided_nc.optim import build_optimizer, build_scheduler, orthogonal_init_
     from guided_nc.sampler import StratifiedBatchSampler
 
@@ -247,15 +266,7 @@ def fit(config: TrainConfig) -> Path:
         }
 
         # ------------------------------------------------------------ model and head
-        backbone = build_backbone(
-            config.model,
-            input_shape=data.input_shape,
-            affine=config.bias,
-            bias=config.bias,
-            width=config.width,
-            depth=config.depth,
-            **({"batch_norm": config.batch_norm} if config.model in ("mlp", "cnn") else {}),
-        )
+        backbone = build_backbone_for(config, data.input_shape)
         if config.method != "standard" and backbone.num_features < num_classes:
             raise ValueError(
                 f"method={config.method!r} needs feature dimension d >= number of classes K "
