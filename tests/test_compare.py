@@ -81,6 +81,25 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(comparison, monk
     assert (folder / "done").exists() and (folder / "metrics.csv").read_text() == before
 
 
+def test_a_longer_epochs_extends_finished_runs(comparison, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(comparison[0], out)
+    calls = []
+    real_fit = train_module.fit
+
+    def recording_fit(config):
+        calls.append(config)
+        return real_fit(config)
+
+    monkeypatch.setattr(train_module, "fit", recording_fit)
+    longer = TrainConfig(**{**BASE.to_dict(), "epochs": 3})
+    run_comparison(longer, methods=("standard",), seeds=(0,), out=out, timing_repeats=0)
+    assert [(c.method, c.seed, c.resume, c.epochs) for c in calls] == [("standard", 0, True, 3)]
+    rows = read_long_csv(run_folder(out, "standard", 0) / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert (run_folder(out, "standard", 0) / "done").exists()
+
+
 def test_report_is_rebuilt_from_files_only(comparison, tmp_path, monkeypatch):
     out, _ = comparison
     copy = tmp_path / "copy"

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from guided_nc.config import TrainConfig, add_config_arguments
 from guided_nc.heads import normalize_features
 from guided_nc.models import MODEL_NAMES, build_backbone
 from guided_nc.optim import build_optimizer, build_scheduler
+from guided_nc.report import read_long_csv
 from guided_nc.train import Classifier, build_head_for, fit, training_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -299,6 +301,62 @@ def test_resume_with_a_changed_configuration_is_an_error(tmp_path):
     fit(tiny_config(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"\['method'\] differ"):
         fit(tiny_config(tmp_path, epochs=1, method="fixed", resume=True))
+    # A schedule that depends on the total number of steps cannot be extended exactly.
+    fit(tiny_config(tmp_path, "cosine", epochs=1, optimizer="sgd", schedule="cosine", bias=True))
+    with pytest.raises(ValueError, match=r"\['epochs'\] differ.*only with --schedule none"):
+        fit(
+            tiny_config(
+                tmp_path,
+                "cosine",
+                epochs=2,
+                optimizer="sgd",
+                schedule="cosine",
+                bias=True,
+                resume=True,
+            )
+        )
+
+
+def _write_image_folder(root, rng, per_class=4, classes=3) -> None:
+    """ImageNet layout (train/<class>/*.png, val/<class>/*.png) of random 12x10 RGB images."""
+    from PIL import Image
+
+    for split, count in (("train", per_class), ("val", 1)):
+        for index_class in range(classes):
+            folder = root / split / f"n{index_class:02d}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+
+
+def test_evaluation_does_not_perturb_training_and_runs_extend_exactly(tmp_path):
+    """File-backed data augments from the global RNG in loader workers; evaluating must not
+    shift that stream, and a finished run trained further equals a run that was always longer."""
+    _write_image_folder(tmp_path / "data", np.random.default_rng(0))
+    images = {
+        "dataset": "imagenet",
+        "data_root": str(tmp_path / "data"),
+        "batch_size": 6,
+        "method": "implicit",
+        "width": 8,
+        "depth": 1,
+    }
+    every_epoch = fit(tiny_config(tmp_path, "every", eval_epochs=(1, 2, 3), **images))
+    last_only = fit(tiny_config(tmp_path, "last", eval_epochs=(3,), **images))
+    state_a, state_b = _final_state(every_epoch), _final_state(last_only)
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert (
+        read_long_csv(every_epoch / "metrics.csv")[-1]
+        == read_long_csv(last_only / "metrics.csv")[0]
+    )
+
+    short = fit(tiny_config(tmp_path, "extended", epochs=2, eval_epochs=(1, 2), **images))
+    assert (short / "done").exists()
+    fit(tiny_config(tmp_path, "extended", eval_epochs=(1, 2, 3), resume=True, **images))
+    assert (short / "done").exists()
+    _assert_same_run(every_epoch, short)
 
 
 def test_long_tail_and_label_noise_flags_reach_the_training_split(tmp_path):

@@ -3,7 +3,9 @@
 DomainBed's pattern: every (method, seed) pair trains in its own run folder through
 :func:`guided_nc.train.fit`, which writes files; the report only reads those files, so it can be
 rebuilt at any time (``--report-only``) and an interrupted comparison continues where it
-stopped: runs with a ``done`` marker are skipped, runs with a checkpoint are resumed.
+stopped: runs with a ``done`` marker are skipped, runs with a checkpoint are resumed. With
+``--schedule none`` a larger ``--epochs`` extends finished runs exactly (see
+:meth:`guided_nc.config.TrainConfig.extends`).
 
 Folder layout (``--out``)::
 
@@ -87,8 +89,10 @@ def run_comparison(
         for method in methods:
             for seed in seeds:
                 folder = run_folder(out, method, seed)
-                if (folder / "done").exists():
-                    continue
+                if (folder / "done").exists() and not base.extends(
+                    TrainConfig.load(folder / "config.json")
+                ):
+                    continue  # finished (a longer --epochs with --schedule none extends it)
                 config = dataclasses.replace(
                     base,
                     method=method,

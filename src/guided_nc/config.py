@@ -34,8 +34,12 @@ SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Fields that may differ between an interrupted run and its ``--resume``: they change where and
-#: how verbosely a run executes, not the numbers it produces.
-RESUME_FREE_FIELDS = frozenset({"resume", "progress", "threads", "download", "data_root", "out"})
+#: how verbosely a run executes, not the numbers it produces. ``eval_epochs`` is one of them
+#: because evaluation runs on a forked RNG (it cannot shift the training's random stream), so
+#: which epochs are evaluated changes the rows of ``metrics.csv``, never their values.
+RESUME_FREE_FIELDS = frozenset(
+    {"resume", "progress", "threads", "download", "data_root", "out", "eval_epochs"}
+)
 
 
 def parse_int_list(text: str | list | tuple) -> tuple[int, ...]:
@@ -206,12 +210,24 @@ class TrainConfig:
         """Epochs to evaluate: the requested ones within range, plus the last epoch."""
         return tuple(sorted({e for e in self.eval_epochs if e <= self.epochs} | {self.epochs}))
 
+    def extends(self, saved: TrainConfig) -> bool:
+        """Whether this config trains ``saved``'s run for more epochs, exactly.
+
+        Only with ``schedule="none"``: the step size then does not depend on the total number
+        of steps, so epochs 1..saved.epochs are the same as in a run that was always this long.
+        """
+        return self.schedule == saved.schedule == "none" and self.epochs > saved.epochs
+
     def resume_mismatches(self, saved: TrainConfig) -> list[str]:
-        """Fields (other than where/how verbosely to run) that differ from a saved config."""
+        """Fields that differ from a saved config in a way that would change the run's numbers.
+
+        Ignores :data:`RESUME_FREE_FIELDS`, and ``epochs`` when :meth:`extends` holds.
+        """
         return [
             item.name
             for item in fields(self)
             if item.name not in RESUME_FREE_FIELDS
+            and not (item.name == "epochs" and self.extends(saved))
             and getattr(self, item.name) != getattr(saved, item.name)
         ]
 

@@ -195,14 +195,13 @@ def fit(config: TrainConfig) -> Path:
     :meth:`TrainConfig.eval_epoch_set`), ``summary.json``, TensorBoard events, ``checkpoint.pt``
     after each epoch, and ``done`` last. With ``config.resume`` it continues from the
     checkpoint and produces the same numbers as an uninterrupted run (same device, threads and
-    number of processes).
+    number of processes). Resuming a finished run with a larger ``epochs`` (``schedule="none"``
+    only) trains it further, exactly as if it had been that long from the start.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     from guided_nc.data import build_datasets, build_loader
-    from guided_nc.heads import normalize_features
-    from guided_nc.metrics import collect_metrics
     from guided_nc.models import check_no_one_dimensional_parameters
     from guided_nc.optim import build_optimizer, build_scheduler, orthogonal_init_
     from guided_nc.sampler import StratifiedBatchSampler
@@ -215,13 +214,17 @@ def fit(config: TrainConfig) -> Path:
             f"out={config.out!r} already holds a run (checkpoint or done marker); pass --resume "
             "to continue it or choose another --out"
         )
+    extending = False
     if config.resume and (out / "config.json").exists():
-        changed = config.resume_mismatches(TrainConfig.load(out / "config.json"))
+        saved = TrainConfig.load(out / "config.json")
+        changed = config.resume_mismatches(saved)
         if changed:
             raise ValueError(
                 f"--resume with a different configuration: {changed} differ from "
-                f"{out / 'config.json'}; resume with the saved values or choose another --out"
+                f"{out / 'config.json'}; resume with the saved values (--epochs may only grow, "
+                "and only with --schedule none) or choose another --out"
             )
+        extending = config.extends(saved)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device)
@@ -326,6 +329,8 @@ def fit(config: TrainConfig) -> Path:
             start_epoch, rows, timings = state["epoch"], state["rows"], state["timings"]
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
+            if extending:  # the run is unfinished again until its new last epoch
+                (out / DONE_NAME).unlink(missing_ok=True)
             config.save(out / "config.json")
             writer = SummaryWriter(out / "tensorboard", purge_step=start_epoch + 1)
 
@@ -367,24 +372,14 @@ def fit(config: TrainConfig) -> Path:
             )
 
             if epoch in eval_epochs:
-                model.eval()
-
-                def features_and_logits(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                    # Metrics use the head's normalised features, the same tau as training.
-                    features = model.backbone(inputs.to(device))
-                    return normalize_features(features, config.temperature), model.head(features)
-
-                row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
-                for split, loader in eval_loaders.items():
-                    metrics = collect_metrics(
-                        features_and_logits,
-                        _OnDevice(loader, device),
-                        num_classes,
-                        weight=model.head.weight,
-                        bias=model.head.bias,
-                        progress=False,
-                    )
-                    row.update({f"{split}_{key}": value for key, value in metrics.items()})
+                # Evaluation may draw random numbers (data-loader seeds), so it runs on a forked
+                # RNG: which epochs are evaluated never changes the training that follows.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    row = {
+                        "epoch": epoch,
+                        "train_loss": train_loss,
+                        **evaluate(model, eval_loaders, num_classes, config.temperature, device),
+                    }
                 rows.append(row)
                 if is_main:
                     # Rewritten whole each time; the rows also live in the checkpoint.
@@ -446,6 +441,48 @@ def fit(config: TrainConfig) -> Path:
             writer.close()
         if created_group:
             distributed.destroy_process_group()
+
+
+def evaluate(
+    model: Classifier,
+    loaders: dict[str, Any],
+    num_classes: int,
+    temperature: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """Accuracy and NC metrics of ``model`` in eval mode on each loader's whole split.
+
+    Args:
+        model: backbone plus head; left in eval mode.
+        loaders: ``{split: loader of (inputs, labels)}``, un-augmented.
+        num_classes: K.
+        temperature: the head's feature norm tau (metrics see the features the head sees).
+        device: where the model runs.
+
+    Returns:
+        ``{f"{split}_{key}": value}`` over :data:`guided_nc.metrics.METRIC_KEYS` (float64 sums).
+    """
+    from guided_nc.heads import normalize_features
+    from guided_nc.metrics import collect_metrics
+
+    model.eval()
+
+    def features_and_logits(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = model.backbone(inputs.to(device))
+        return normalize_features(features, temperature), model.head(features)
+
+    row: dict[str, float] = {}
+    for split, loader in loaders.items():
+        metrics = collect_metrics(
+            features_and_logits,
+            _OnDevice(loader, device),
+            num_classes,
+            weight=model.head.weight,
+            bias=model.head.bias,
+            progress=False,
+        )
+        row.update({f"{split}_{key}": value for key, value in metrics.items()})
+    return row
 
 
 def _synchronize(device: torch.device) -> None:
