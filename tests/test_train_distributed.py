@@ -100,6 +100,92 @@ def _check_against_single_process(ranks, method, single, dist):
             assert abs(a[key] - b[key]) <= 100.0 / 360 + 1e-9, (method, key)
 
 
+class _Crash(Exception):
+    pass
+
+
+def _crash_and_resume_worker(rank: int, world_size: int, config: dict, out: str) -> dict:
+    """Train uninterrupted; then train again, kill both ranks at the first step of epoch 2 and
+    resume. Returns this rank's final parameters of both runs and rank 0's checkpoint epochs."""
+    import dataclasses
+
+    from guided_nc import train as train_module
+
+    real_step = train_module.training_step
+    live = {}
+
+    def run(name: str, crash_at_step: int | None, resume: bool) -> None:
+        steps = []
+
+        def step(model, optimizer, scheduler, inputs, labels):
+            steps.append(1)
+            if len(steps) == crash_at_step:  # both ranks stop before any collective
+                raise _Crash
+            live[name] = model.module if hasattr(model, "module") else model
+            return real_step(model, optimizer, scheduler, inputs, labels)
+
+        train_module.training_step = step
+        try:
+            train_module.fit(
+                dataclasses.replace(TrainConfig(**config), out=f"{out}/{name}", resume=resume)
+            )
+        finally:
+            train_module.training_step = real_step
+
+    run("uninterrupted", None, False)
+    steps_per_epoch = 1437 // config["batch_size"]
+    try:
+        run("interrupted", steps_per_epoch + 1, False)
+    except _Crash:
+        pass
+    survived = load_checkpoint(f"{out}/interrupted/checkpoint.pt")["epoch"]
+    run("interrupted", None, True)
+    return {
+        "survived": survived,
+        **{
+            name: {k: v.clone() for k, v in model.state_dict().items()}
+            for name, model in live.items()
+        },
+    }
+
+
+def test_resume_under_two_processes_equals_an_uninterrupted_run(tmp_path):
+    config = {**TINY, "epochs": 2, "method": "implicit", "eval_epochs": (1, 2)}
+    ranks = run_distributed(_crash_and_resume_worker, world_size=2, args=(config, str(tmp_path)))
+    for rank in ranks:
+        assert rank["survived"] == 1  # killed in epoch 2: the epoch-1 checkpoint remains
+        for key, value in rank["uninterrupted"].items():
+            assert torch.equal(rank["interrupted"][key], value), key
+    for key, value in ranks[0]["interrupted"].items():
+        assert torch.equal(ranks[1]["interrupted"][key], value), key  # same classifier
+    assert (tmp_path / "interrupted" / "done").exists()
+    assert (tmp_path / "interrupted" / "metrics.csv").read_text() == (
+        tmp_path / "uninterrupted" / "metrics.csv"
+    ).read_text()
+
+
+def _compare_worker(rank: int, world_size: int, config: dict, out: str) -> dict:
+    from guided_nc.compare import run_comparison
+
+    report = run_comparison(
+        TrainConfig(**config), methods=("standard", "implicit"), seeds=(0,), out=out
+    )
+    return {"report": str(report)}
+
+
+def test_compare_under_two_processes_trains_every_run_once_and_reports_once(tmp_path):
+    ranks = run_distributed(_compare_worker, world_size=2, args=(TINY, str(tmp_path)))
+    assert [rank["report"] for rank in ranks] == [str(tmp_path / "report.md")] * 2
+    for method in ("standard", "implicit"):
+        folder = tmp_path / "runs" / method / "seed0"
+        assert (folder / "done").exists()
+        assert '"world_size": 2' in (folder / "summary.json").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "implicit ETF" in report
+    # The same-process cost table needs every rank in one process: skipped under torchrun.
+    assert not (tmp_path / "timing.json").exists()
+
+
 def test_torchrun_cli_trains_with_two_processes(tmp_path):
     """The documented command: torchrun --nproc_per_node=2 -m guided_nc.cli train ..."""
     out = tmp_path / "torchrun"
