@@ -61,8 +61,9 @@ def test_comparison_writes_tables_figures_and_report(comparison):
     assert "implicit ETF, no DDN gradient" in text and "vs standard" in text
 
 
-def test_finished_runs_are_skipped_and_interrupted_ones_resumed(comparison, monkeypatch):
-    out, _ = comparison
+@pytest.fixture
+def fit_calls(monkeypatch) -> list[TrainConfig]:
+    """The configs that compare passes to train.fit, in order (fit still runs)."""
     calls = []
     real_fit = train_module.fit
 
@@ -71,6 +72,12 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(comparison, monk
         return real_fit(config)
 
     monkeypatch.setattr(train_module, "fit", recording_fit)
+    return calls
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(comparison, fit_calls):
+    out, _ = comparison
+    calls = fit_calls
     run_comparison(BASE, methods=METHODS, seeds=(0, 1), out=out, timing_repeats=1)
     assert calls == []  # every run has its done marker
     folder = run_folder(out, "fixed", 1)
@@ -81,17 +88,10 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(comparison, monk
     assert (folder / "done").exists() and (folder / "metrics.csv").read_text() == before
 
 
-def test_a_longer_epochs_extends_finished_runs(comparison, tmp_path, monkeypatch):
+def test_a_longer_epochs_extends_finished_runs(comparison, tmp_path, fit_calls):
     out = tmp_path / "copy"
     shutil.copytree(comparison[0], out)
-    calls = []
-    real_fit = train_module.fit
-
-    def recording_fit(config):
-        calls.append(config)
-        return real_fit(config)
-
-    monkeypatch.setattr(train_module, "fit", recording_fit)
+    calls = fit_calls
     longer = TrainConfig(**{**BASE.to_dict(), "epochs": 3})
     run_comparison(longer, methods=("standard",), seeds=(0,), out=out, timing_repeats=0)
     assert [(c.method, c.seed, c.resume, c.epochs) for c in calls] == [("standard", 0, True, 3)]
