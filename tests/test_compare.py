@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 
@@ -98,6 +99,14 @@ def test_a_longer_epochs_extends_finished_runs(comparison, tmp_path, fit_calls):
     rows = read_long_csv(run_folder(out, "standard", 0) / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert (run_folder(out, "standard", 0) / "done").exists()
+
+
+def test_cost_table_measures_every_head_whatever_methods_trains(tmp_path):
+    one_epoch = TrainConfig(**{**BASE.to_dict(), "epochs": 1})
+    run_comparison(one_epoch, methods=("fixed",), seeds=(0,), out=tmp_path, timing_repeats=1)
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert sorted(timing["heads"]) == ["fixed", "implicit", "implicit-no-ddn", "standard"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fixed"]
 
 
 def test_report_is_rebuilt_from_files_only(comparison, tmp_path, monkeypatch):
