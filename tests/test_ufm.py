@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -219,6 +220,17 @@ def test_rerun_resumes_and_report_rebuilds_from_files(tiny_run, monkeypatch):
     )
     with pytest.raises(ValueError, match="different configuration"):
         ufm.run_preset(changed, tiny_run, progress=False)
+
+
+def test_one_call_per_seed_into_one_folder_equals_one_call(tiny_run, tmp_path):
+    """As parallel processes would: each call writes config.json with its own seeds."""
+    for seed in (1, 0):
+        ufm.run_preset(dataclasses.replace(TINY_CONFIG, seeds=(seed,)), tmp_path, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert saved["seeds"] == [0, 1] and saved["methods"] == list(ufm.METHODS)
+    assert (tmp_path / "metrics.csv").read_text() == (tiny_run / "metrics.csv").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(data["seeds"] == [0, 1] for data in summary["methods"].values())
 
 
 def test_scaling_report(tiny_run, tmp_path):

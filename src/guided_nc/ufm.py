@@ -595,6 +595,7 @@ def merge_runs(out_dir: str | os.PathLike) -> None:
     if not finished:
         raise ValueError(f"{out_dir} holds no finished runs (runs/*/done.json); run them first")
     finished.sort()
+    _record_finished_runs(out_dir / "config.json", finished)
     metrics, timings, margins = [], [], {}
     for _, seed, folder in finished:
         metrics += report.read_long_csv(folder / "metrics.csv")
@@ -736,6 +737,21 @@ def _draw(ax, stem, column, title, ylabel, log_y, metrics, bound, etf_margin, lo
         log_y=log_y,
         colors=_colors(),
     )
+
+
+def _record_finished_runs(config_path: Path, finished: list[tuple[int, int, Path]]) -> None:
+    """Set the folder config's ``methods`` and ``seeds`` to those of its finished runs.
+
+    Several invocations may share a folder (one per seed range, run in parallel); each rewrites
+    ``config.json`` with its own seeds, so after merging it records what the folder holds.
+    """
+    if not config_path.exists():
+        return
+    saved = report.read_json(config_path)
+    done_methods = {METHODS[index] for index, _, _ in finished}
+    saved["config"]["methods"] = [method for method in METHODS if method in done_methods]
+    saved["config"]["seeds"] = sorted({seed for _, seed, _ in finished})
+    report.atomic_write_json(config_path, saved)
 
 
 def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
