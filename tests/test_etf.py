@@ -20,6 +20,13 @@ from guided_nc.etf import (
     simplex_etf,
 )
 from guided_nc.solvers import dense_ddn_backward, trust_region_nearest_etf
+from numpy_oracles import (
+    numpy_centering,
+    numpy_polar,
+    objective,
+    random_problem,
+    random_stiefel,
+)
 
 DTYPES = [torch.float32, torch.float64]
 # (d, K): general, K = 2, d = K, d = K = 2.
@@ -27,34 +34,6 @@ SIZES = [(7, 3), (5, 2), (4, 4), (2, 2), (9, 6)]
 
 
 # --- independent oracles (numpy, written from the maths, not from guided_nc) -----------------
-
-
-def numpy_centering(num_classes: int) -> np.ndarray:
-    return np.eye(num_classes) - np.ones((num_classes, num_classes)) / num_classes
-
-
-def numpy_polar(matrix: np.ndarray) -> np.ndarray:
-    u, _, vh = np.linalg.svd(matrix, full_matrices=False)
-    return u @ vh
-
-
-def objective(y: np.ndarray, frame: np.ndarray, prox: np.ndarray, delta: float) -> float:
-    """Paper eq. 6 + eq. 7: ||Y - P M/sqrt(K-1)||^2 + (delta/2)||P - prox||^2, in numpy."""
-    num_classes = y.shape[1]
-    residual = y - frame @ numpy_centering(num_classes) / math.sqrt(num_classes - 1)
-    return float(np.sum(residual**2) + 0.5 * delta * np.sum((frame - prox) ** 2))
-
-
-def random_stiefel(dim: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((dim, num_classes)))
-    return q * np.sign(np.diag(r))
-
-
-def random_problem(dim: int, num_classes: int, seed: int):
-    rng = np.random.default_rng(seed)
-    y = rng.standard_normal((dim, num_classes))
-    y /= np.linalg.norm(y)
-    return y, random_stiefel(dim, num_classes, rng), rng
 
 
 def etf_features(dim: int, num_classes: int, seed: int) -> np.ndarray:

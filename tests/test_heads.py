@@ -19,6 +19,7 @@ from guided_nc.heads import (
     normalize_features,
     renormalize_heads_,
 )
+from numpy_oracles import numpy_centering, numpy_polar
 
 DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {
@@ -37,8 +38,7 @@ def np_normalize(features: np.ndarray, tau: float) -> np.ndarray:
 def np_etf_weight(frame: np.ndarray) -> np.ndarray:
     """sqrt(K/(K-1)) M P^T."""
     k = frame.shape[1]
-    centring = np.eye(k) - np.ones((k, k)) / k
-    return math.sqrt(k / (k - 1)) * centring @ frame.T
+    return math.sqrt(k / (k - 1)) * numpy_centering(k) @ frame.T
 
 
 class NumpyImplicitHead:
@@ -68,10 +68,8 @@ class NumpyImplicitHead:
             if present[c]:
                 self.average[:, c] = alpha * batch[:, c] + (1 - alpha) * self.average[:, c]
         y = self.average / np.linalg.norm(self.average)
-        centring = np.eye(k) - np.ones((k, k)) / k
-        a = 2 / math.sqrt(k - 1) * y @ centring + self.delta * self.frame  # frame = eye at t=1
-        u, _, vt = np.linalg.svd(a, full_matrices=False)
-        self.frame = u @ vt
+        a = 2 / math.sqrt(k - 1) * y @ numpy_centering(k) + self.delta * self.frame  # eye at t=1
+        self.frame = numpy_polar(a)
         weight = np_etf_weight(self.frame)
         bias = -weight @ global_mean
         if self.t == 1:

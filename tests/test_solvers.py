@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import numpy_oracles
 from guided_nc.etf import nearest_etf
 from guided_nc.solvers import (
     constraint_jacobian,
@@ -19,19 +20,10 @@ from guided_nc.solvers import (
 )
 
 
-def random_stiefel(dim: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((dim, num_classes)))
-    return q * np.sign(np.diag(r))
-
-
 def random_problem(dim: int, num_classes: int, seed: int):
-    rng = np.random.default_rng(seed)
-    y = rng.standard_normal((dim, num_classes))
-    return (
-        torch.from_numpy(y / np.linalg.norm(y)),
-        torch.from_numpy(random_stiefel(dim, num_classes, rng)),
-        rng,
-    )
+    """:func:`numpy_oracles.random_problem` as float64 tensors (and the generator)."""
+    y, prox, rng = numpy_oracles.random_problem(dim, num_classes, seed)
+    return torch.from_numpy(y), torch.from_numpy(prox), rng
 
 
 def commutation_matrix(k: int) -> torch.Tensor:

@@ -106,7 +106,8 @@ class _Crash(Exception):
 
 def _crash_and_resume_worker(rank: int, world_size: int, config: dict, out: str) -> dict:
     """Train uninterrupted; then train again, kill both ranks at the first step of epoch 2 and
-    resume. Returns this rank's final parameters of both runs and rank 0's checkpoint epochs."""
+    resume. Returns this rank's final model state of both runs and the epoch of the checkpoint
+    that survived the crash."""
     import dataclasses
 
     from guided_nc import train as train_module

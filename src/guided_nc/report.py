@@ -522,9 +522,7 @@ def plot_median_bands(
             warnings.simplefilter("ignore", RuntimeWarning)
             median = np.nanmedian(values, axis=0)
             low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-        color = colors.get(label) if colors else None
-        if color is None:
-            color = f"C{index}"
+        color = _series_color(colors, label, index)
         ax.plot(xs, median, color=color, label=str(label), marker=marker, linewidth=1.5)
         ax.fill_between(xs, low, high, color=color, alpha=0.25, linewidth=0)
     if reference is not None:
@@ -533,18 +531,7 @@ def plot_median_bands(
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
-    if title:
-        ax.set_title(title)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if legend:
-        ax.legend(fontsize="small")
-    if path is not None:
-        save_figure(ax.figure, path)
-    return ax
+    return _finish_axes(ax, title, xlabel, ylabel, legend, path)
 
 
 def plot_histograms(
@@ -584,17 +571,35 @@ def plot_histograms(
             values = values[np.isfinite(values)]
             if values.size == 0:
                 continue
-            color = (colors or {}).get(label) or f"C{index}"
+            color = _series_color(colors, label, index)
             ax.hist(
                 values, bins=edges, density=True, histtype="step", color=color, label=str(label)
             )
     if reference is not None:
         ax.axvline(reference, color="black", linestyle="--", linewidth=1.0, label=reference_label)
+    return _finish_axes(ax, title, xlabel, "density", legend, path)
+
+
+def _series_color(colors: Mapping[Any, str] | None, label: Any, index: int) -> str:
+    """``colors[label]`` if given, else matplotlib's cycle colour ``C<index>``."""
+    return (colors or {}).get(label) or f"C{index}"
+
+
+def _finish_axes(
+    ax: matplotlib.axes.Axes,
+    title: str | None,
+    xlabel: str | None,
+    ylabel: str | None,
+    legend: bool,
+    path: str | os.PathLike | None,
+) -> matplotlib.axes.Axes:
+    """Labels, grid and legend shared by every plot; save and close when ``path`` is given."""
     if title:
         ax.set_title(title)
     if xlabel:
         ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if legend:
         ax.legend(fontsize="small")
