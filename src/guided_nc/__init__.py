@@ -10,6 +10,8 @@ True
 
 __version__ = "0.1.0"
 
+# Importing the solvers registers nearest_etf(..., solver="trust-regions") (pymanopt loads lazily).
+from guided_nc import solvers as _solvers  # noqa: F401
 from guided_nc.etf import (
     centering_matrix,
     etf_classifier,

@@ -21,24 +21,33 @@ results are cast back to the input's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+from guided_nc._checks import (
+    COMPUTE_DTYPE,
+    check_class_matrix,
+    check_delta,
+    check_max_iterations,
+    check_sizes,
+    check_stiefel,
+)
 
 __all__ = [
     "SOLVERS",
     "PolarFactor",
-    "TrustRegionPolarFactor",
     "centering_matrix",
+    "check_solver",
     "etf_classifier",
     "etf_distance",
     "haar_stiefel",
     "nearest_etf",
+    "polar_backward",
     "polar_factor",
+    "register_solver",
     "simplex_etf",
 ]
-
-#: dtype in which the SVD and its backward run.
-COMPUTE_DTYPE = torch.float64
 
 
 def centering_matrix(
@@ -65,7 +74,7 @@ def haar_stiefel(
 
     Shape: returns (dim, num_classes) with ``P^T P = I``.
     """
-    _check_sizes(dim, num_classes)
+    check_sizes(dim, num_classes)
     gaussian = torch.randn(dim, num_classes, generator=generator, dtype=COMPUTE_DTYPE)
     q, r = torch.linalg.qr(gaussian)
     signs = torch.sign(torch.diagonal(r))
@@ -105,9 +114,9 @@ def simplex_etf(
 
     Shape: returns (num_classes, dim) in ``dtype``.
     """
-    _check_sizes(dim, num_classes)
+    check_sizes(dim, num_classes)
     if isinstance(rotation, torch.Tensor):
-        frame = _check_stiefel(rotation, "rotation", dim, num_classes).to(COMPUTE_DTYPE)
+        frame = check_stiefel(rotation, "rotation", dim, num_classes).to(COMPUTE_DTYPE)
     elif rotation == "canonical":
         frame = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE)
     elif rotation == "haar":
@@ -120,7 +129,7 @@ def simplex_etf(
     return etf_classifier(frame.cpu()).to(dtype=dtype, device=device)
 
 
-def _polar_backward(
+def polar_backward(
     left: torch.Tensor, spectrum: torch.Tensor, right: torch.Tensor, grad_frame: torch.Tensor
 ) -> torch.Tensor:
     """dL/dA of the orthogonal polar factor ``P = U V^T``, from ``U``, ``s``, ``V``, ``G = dL/dP``.
@@ -177,43 +186,7 @@ class PolarFactor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_frame: torch.Tensor) -> torch.Tensor:
         u, s, v = ctx.saved_tensors
-        return _polar_backward(u, s, v, grad_frame)
-
-
-class TrustRegionPolarFactor(torch.autograd.Function):
-    """The nearest-ETF point found by pymanopt's trust regions, with the closed-form backward.
-
-    Forward: :func:`guided_nc.solvers.trust_region_nearest_etf` (the paper's solver) from
-    ``prox``. Backward: :func:`_polar_backward` at the returned point P with
-    ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V``, which is exactly the paper's
-    Proposition-1 gradient at that point (equal to :class:`PolarFactor`'s at convergence).
-    Gradient flows to ``target`` (A) only.
-
-    Shape: target, features, prox (d, K) float64 -> P (d, K) float64.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        target: torch.Tensor,
-        features: torch.Tensor,
-        prox: torch.Tensor,
-        delta: float,
-        max_iterations: int,
-    ) -> torch.Tensor:
-        from guided_nc.solvers import trust_region_nearest_etf
-
-        frame = trust_region_nearest_etf(features, prox, delta, max_iterations=max_iterations)
-        frame = frame.to(dtype=target.dtype, device=target.device)
-        gram = frame.transpose(-2, -1) @ target
-        s, v = torch.linalg.eigh(0.5 * (gram + gram.transpose(-2, -1)))  # B = sym(P^T A)
-        ctx.save_for_backward(frame @ v, s, v)  # U = P V
-        return frame
-
-    @staticmethod
-    def backward(ctx, grad_frame: torch.Tensor):
-        u, s, v = ctx.saved_tensors
-        return _polar_backward(u, s, v, grad_frame), None, None, None, None
+        return polar_backward(u, s, v, grad_frame)
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -234,8 +207,32 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return PolarFactor.apply(matrix.to(COMPUTE_DTYPE)).to(matrix.dtype)
 
 
-#: Solvers accepted by :func:`nearest_etf`.
+#: An iterative solver registered by another module: ``solve(target, features, prox, delta,
+#: max_iterations) -> P`` (float64, differentiable in ``target`` = A). See :func:`register_solver`.
+_REGISTERED_SOLVERS: dict[str, Callable[..., torch.Tensor]] = {}
+
+#: Solvers accepted by :func:`nearest_etf`: the closed form of this module, then the registered
+#: ones ("trust-regions", registered by :mod:`guided_nc.solvers` when the package is imported).
 SOLVERS = ("svd", "trust-regions")
+
+
+def register_solver(name: str, solve: Callable[..., torch.Tensor]) -> None:
+    """Make ``nearest_etf(..., solver=name)`` call ``solve(target, features, prox, delta,
+    max_iterations)``.
+
+    This keeps the maths module free of any import of an iterative solver: the solver module
+    registers itself (``guided_nc.solvers`` registers ``"trust-regions"``; ``import guided_nc``
+    imports it), and the import arrow runs from the solver to the maths, never back.
+    """
+    if name not in SOLVERS or name == "svd":
+        raise ValueError(f"name={name!r} is not a registrable solver; use one of {SOLVERS[1:]}")
+    _REGISTERED_SOLVERS[name] = solve
+
+
+def check_solver(solver: str) -> None:
+    """ValueError unless ``solver`` is one of :data:`SOLVERS`."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
 
 
 def nearest_etf(
@@ -259,8 +256,9 @@ def nearest_etf(
     Args:
         features: Y, (d, K) centred class means (any scale; the heads pass unit Frobenius norm).
             float16/bfloat16/float32/float64, any device.
-        prox: the previous solution, (d, K) with orthonormal columns (any float dtype).
-            ``None`` means the first-step rule of method.md: ``P0 = polar(c Y M + delta eye(d,K))``.
+        prox: the previous solution, (d, K) with orthonormal columns (any float dtype, judged
+            with that dtype's tolerance). ``None`` means the first-step rule of method.md:
+            ``P0 = polar(c Y M + delta eye(d,K))``.
         delta: proximal coefficient, >= 0. With ``delta = 0`` the solution is unique only in
             ``P M`` (the component along ``P 1`` is arbitrary) and the gradient may not exist.
         solver: ``"svd"`` (closed form, one thin SVD) or ``"trust-regions"`` (pymanopt's
@@ -275,17 +273,16 @@ def nearest_etf(
         ValueError: non-2-D features, K < 2, d < K, non-finite features, prox of the wrong shape
             or not orthonormal, delta < 0, unknown solver.
     """
-    num_classes = _check_features(features)
-    _check_delta(delta)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not supported; use one of {SOLVERS}")
-    if solver == "trust-regions":
-        _check_max_iterations(max_iterations)
+    num_classes = check_class_matrix(features)
+    check_delta(delta)
+    check_solver(solver)
+    if solver != "svd":
+        check_max_iterations(max_iterations)
     dim = features.shape[0]
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE, device=features.device)
     else:
-        prox = _check_stiefel(prox, "prox", dim, num_classes).detach()
+        prox = check_stiefel(prox, "prox", dim, num_classes).detach()
     y = features.to(COMPUTE_DTYPE)
     prox = prox.to(y)
     scale = 2.0 / math.sqrt(num_classes - 1)
@@ -293,7 +290,12 @@ def nearest_etf(
     if solver == "svd":
         frame = PolarFactor.apply(target)
     else:
-        frame = TrustRegionPolarFactor.apply(target, y.detach(), prox, delta, max_iterations)
+        if solver not in _REGISTERED_SOLVERS:
+            raise RuntimeError(
+                f"solver={solver!r} is not registered; import guided_nc (or guided_nc.solvers) "
+                "before calling nearest_etf with it"
+            )
+        frame = _REGISTERED_SOLVERS[solver](target, y.detach(), prox, delta, max_iterations)
     return frame.to(features.dtype)
 
 
@@ -305,83 +307,8 @@ def etf_distance(features: torch.Tensor) -> torch.Tensor:
 
     Shape: features (d, K) -> scalar tensor, float64.
     """
-    num_classes = _check_features(features)
+    num_classes = check_class_matrix(features)
     y = features.to(COMPUTE_DTYPE)
     centred = y - y.mean(dim=1, keepdim=True)
     nuclear = torch.linalg.svdvals(centred).sum()
     return y.pow(2).sum() + 1.0 - 2.0 / math.sqrt(num_classes - 1) * nuclear
-
-
-# --- validation helpers (errors name the argument, the value and the fix) ---------------------
-
-
-def _check_sizes(dim: int, num_classes: int) -> None:
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} is too small; a simplex ETF needs K >= 2")
-    if dim < num_classes:
-        raise ValueError(
-            f"dim={dim} < num_classes={num_classes}: a point of St(d, K) needs d >= K; use a "
-            f"feature dimension of at least {num_classes}"
-        )
-
-
-def _check_features(features: torch.Tensor) -> int:
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 2:
-        raise ValueError(
-            f"features must be a 2-D (d, K) matrix of class means, got shape "
-            f"{tuple(features.shape)}; stack the K class means as columns"
-        )
-    if not features.is_floating_point():
-        raise TypeError(f"features must be floating point, got dtype {features.dtype}")
-    dim, num_classes = features.shape
-    _check_sizes(dim, num_classes)
-    if not torch.isfinite(features).all():
-        raise ValueError(
-            "features contain NaN or Inf; check the backbone output (e.g. lower the learning "
-            "rate) before computing the nearest ETF"
-        )
-    return num_classes
-
-
-def _check_max_iterations(max_iterations: int) -> None:
-    is_integer = isinstance(max_iterations, int) and not isinstance(max_iterations, bool)
-    if not is_integer or max_iterations < 1:
-        raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
-
-
-def _check_delta(delta: float) -> None:
-    if not math.isfinite(delta) or delta < 0:
-        raise ValueError(f"delta={delta} must be a finite number >= 0 (the default is 1e-3)")
-
-
-def _check_stiefel(frame: torch.Tensor, name: str, dim: int, num_classes: int) -> torch.Tensor:
-    if not isinstance(frame, torch.Tensor) or tuple(frame.shape) != (dim, num_classes):
-        shape = tuple(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
-        raise ValueError(f"{name} must be a ({dim}, {num_classes}) tensor, got {shape}")
-    # O(dK) instead of the O(dK^2) Gram matrix (the check runs every training step, next to an
-    # SVD of the same order): P^T P = I  <=>  P^T P x = x for every x, so test the column norms
-    # exactly and P^T P - I on two fixed generic probe vectors (a failure to detect would need
-    # P^T P - I to vanish on both, a measure-zero event for these fixed pseudo-random probes).
-    matrix = frame.detach().to(COMPUTE_DTYPE)
-    norm_error = (matrix.pow(2).sum(dim=0) - 1.0).abs().max()
-    probes = _probe_vectors(num_classes, matrix.device)
-    probe_error = (matrix.T @ (matrix @ probes) - probes).abs().max()
-    error = torch.maximum(norm_error, probe_error)
-    tolerance = 1e-4 if frame.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-    if not torch.isfinite(error) or error > tolerance:
-        raise ValueError(
-            f"{name} must have orthonormal columns (P^T P = I), but max|(P^T P - I) x| = "
-            f"{float(error):.3g} for unit probes x; pass a Stiefel point, e.g. the previous "
-            "nearest_etf output"
-        )
-    return frame
-
-
-def _probe_vectors(num_classes: int, device: torch.device) -> torch.Tensor:
-    """Two fixed unit vectors of length K (float64) with generic, non-zero entries."""
-    probes = torch.randn(
-        num_classes, 2, generator=torch.Generator().manual_seed(0), dtype=COMPUTE_DTYPE
-    )
-    return (probes / probes.norm(dim=0)).to(device)

@@ -25,8 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guided_nc._checks import (
+    COMPUTE_DTYPE,
+    check_batch_features,
+    check_delta,
+    check_head_sizes,
+    check_labels,
+    check_positive,
+)
 from guided_nc.distributed import all_reduce_sum_with_grad
-from guided_nc.etf import COMPUTE_DTYPE, etf_classifier, nearest_etf, simplex_etf
+from guided_nc.etf import check_solver, etf_classifier, nearest_etf, simplex_etf
+from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS
 
 __all__ = [
     "FixedETFHead",
@@ -49,71 +58,6 @@ def normalize_features(features: torch.Tensor, temperature: float) -> torch.Tens
     Shape: features (B, d) -> (B, d), same dtype and device; differentiable.
     """
     return temperature * F.normalize(features, dim=-1)
-
-
-# --- validation (errors name the argument, the value and the fix) ------------------------------
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value} must be a finite number > 0")
-    return float(value)
-
-
-def _check_sizes(num_features: int, num_classes: int, *, needs_stiefel: bool) -> None:
-    for name, value in (("num_features", num_features), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} is too small; a classifier needs K >= 2")
-    if num_features < 1:
-        raise ValueError(f"num_features={num_features} must be >= 1")
-    if needs_stiefel and num_features < num_classes:
-        raise ValueError(
-            f"num_features={num_features} < num_classes={num_classes}: a simplex ETF head needs "
-            f"d >= K; use a backbone with at least {num_classes} output features (e.g. a final "
-            f"linear projection to {num_classes}) or the 'standard' head"
-        )
-
-
-def _check_features(features: torch.Tensor, num_features: int) -> None:
-    """Structural checks (type, dtype, shape). Values (NaN/Inf) are checked separately."""
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if not features.is_floating_point():
-        raise TypeError(
-            f"features must be floating point, got dtype {features.dtype}; pass the backbone output"
-        )
-    if features.dim() != 2 or features.shape[1] != num_features or features.shape[0] == 0:
-        raise ValueError(
-            f"features must have shape (batch, {num_features}) with batch >= 1, got "
-            f"{tuple(features.shape)}; flatten the backbone output and check num_features"
-        )
-
-
-def _check_labels(labels: torch.Tensor | None, batch: int, *, required: bool) -> None:
-    """Structural checks of labels (type, dtype, shape). The range is checked separately."""
-    if labels is None:
-        if required:
-            raise ValueError(
-                "labels=None, but the implicit ETF head needs the class labels in training mode "
-                "to compute the class means; call head(features, labels), or head.eval() to "
-                "classify with the last classifier"
-            )
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(
-            f"labels must be an integer tensor of class indices, got dtype {labels.dtype}; "
-            f"use labels.long()"
-        )
-    if tuple(labels.shape) != (batch,):
-        raise ValueError(
-            f"labels must have shape ({batch},) to match features, got {tuple(labels.shape)}"
-        )
 
 
 def _value_errors(
@@ -143,7 +87,21 @@ def _raise_value_errors(errors: torch.Tensor, num_classes: int) -> None:
         )
 
 
-class LearnableHead(nn.Module):
+class _Head(nn.Module):
+    """What every head shares: the feature normalisation it applies to its input."""
+
+    temperature: float
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """The features this head classifies: ``tau f / ||f||`` (B, d), differentiable.
+
+        Metrics and evaluation take their features from here, so that they see exactly what
+        the head sees.
+        """
+        return normalize_features(features, self.temperature)
+
+
+class LearnableHead(_Head):
     """Standard head: a learnable linear classifier with unit-norm rows (method.md section 1).
 
     ``logits = W h (+ b)`` with ``h = tau f / ||f||``. The rows of W are renormalised to unit norm
@@ -171,10 +129,10 @@ class LearnableHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_sizes(num_features, num_classes, needs_stiefel=False)
+        check_head_sizes(num_features, num_classes, needs_stiefel=False)
         self.num_features = num_features
         self.num_classes = num_classes
-        self.temperature = _check_positive("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_classes, num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
@@ -194,9 +152,9 @@ class LearnableHead(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K). ``labels`` is accepted for a uniform head interface and only checked."""
-        _check_features(features, self.num_features)
-        _check_labels(labels, features.shape[0], required=False)
-        h = normalize_features(features, self.temperature)
+        check_batch_features(features, self.num_features)
+        check_labels(labels, features.shape[0], required=False)
+        h = self.normalize(features)
         return F.linear(h, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -206,7 +164,7 @@ class LearnableHead(nn.Module):
         )
 
 
-class _CentredETFHead(nn.Module):
+class _CentredETFHead(_Head):
     """Shared parts of the ETF heads: W buffer, running global mean, eval-mode logits."""
 
     weight: torch.Tensor
@@ -221,9 +179,9 @@ class _CentredETFHead(nn.Module):
         running_mean_momentum: float | None,
     ) -> None:
         super().__init__()
-        _check_sizes(num_features, num_classes, needs_stiefel=True)
+        check_head_sizes(num_features, num_classes, needs_stiefel=True)
         if running_mean_momentum is not None:
-            momentum = _check_positive("running_mean_momentum", running_mean_momentum)
+            momentum = check_positive("running_mean_momentum", running_mean_momentum)
             if momentum > 1:
                 raise ValueError(
                     f"running_mean_momentum={running_mean_momentum} must lie in (0, 1] (0.1 is "
@@ -231,7 +189,7 @@ class _CentredETFHead(nn.Module):
                 )
         self.num_features = num_features
         self.num_classes = num_classes
-        self.temperature = _check_positive("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature)
         self.running_mean_momentum = running_mean_momentum
 
     @property
@@ -309,9 +267,9 @@ class FixedETFHead(_CentredETFHead):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K); training mode updates the running mean. ``labels`` is only checked."""
-        _check_features(features, self.num_features)
-        _check_labels(labels, features.shape[0], required=False)
-        h = normalize_features(features, self.temperature)
+        check_batch_features(features, self.num_features)
+        check_labels(labels, features.shape[0], required=False)
+        h = self.normalize(features)
         if not self.training:
             if not torch.isfinite(features).all():
                 _raise_value_errors(torch.tensor([1.0, 0.0]), self.num_classes)
@@ -401,15 +359,11 @@ class ImplicitETFHead(_CentredETFHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, num_classes, temperature, running_mean_momentum)
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-            raise TypeError(f"delta must be a number, got {type(delta).__name__}")
-        if not math.isfinite(delta) or delta < 0:
-            raise ValueError(f"delta={delta} must be a finite number >= 0 (the default is 1e-3)")
-        alpha_floor = _check_positive("alpha_floor", alpha_floor)
+        delta = check_delta(delta)
+        alpha_floor = check_positive("alpha_floor", alpha_floor)
         if alpha_floor > 1:
             raise ValueError(f"alpha_floor={alpha_floor} must lie in (0, 1] (default 1e-4)")
-        if solver not in ("svd", "trust-regions"):
-            raise ValueError(f"solver={solver!r} is not supported; use 'svd' or 'trust-regions'")
+        check_solver(solver)
         self.delta = float(delta)
         self.ddn_grad = bool(ddn_grad)
         self.alpha_floor = alpha_floor
@@ -443,9 +397,9 @@ class ImplicitETFHead(_CentredETFHead):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K). Training mode needs ``labels`` and advances the state by one step."""
-        _check_features(features, self.num_features)
-        _check_labels(labels, features.shape[0], required=self.training)
-        h = normalize_features(features, self.temperature)
+        check_batch_features(features, self.num_features)
+        check_labels(labels, features.shape[0], required=self.training)
+        h = self.normalize(features)
         if not self.training:
             if not torch.isfinite(features).all():
                 _raise_value_errors(torch.tensor([1.0, 0.0]), self.num_classes)
@@ -510,20 +464,25 @@ class ImplicitETFHead(_CentredETFHead):
         )
 
 
-HEADS = {"standard": LearnableHead, "fixed": FixedETFHead, "implicit": ImplicitETFHead}
+HEADS = dict(zip(HEAD_NAMES, (LearnableHead, FixedETFHead, ImplicitETFHead), strict=True))
 
 
 def build_head(method: str, num_features: int, num_classes: int, **kwargs) -> nn.Module:
-    """Build a head by method name: ``"standard"``, ``"fixed"`` or ``"implicit"``.
+    """Build a head by method name (:data:`guided_nc.methods.METHOD_VARIANTS`).
 
-    Extra keyword arguments go to the head's constructor (e.g. ``temperature``, ``delta``).
+    ``"standard"``, ``"fixed"`` and ``"implicit"`` are the three heads; ``"fixed-haar"`` and
+    ``"implicit-no-ddn"`` are the fixed head with a Haar rotation and the implicit head without
+    the DDN gradient. Extra keyword arguments go to the head's constructor (e.g.
+    ``temperature``, ``delta``) and override the method's own options.
     """
-    if method not in HEADS:
+    if method not in METHOD_VARIANTS:
         raise ValueError(
-            f"method={method!r} is not a head; use one of {sorted(HEADS)} "
+            f"method={method!r} is not a head; use one of {list(METHOD_VARIANTS)} "
             f"('standard' = learnable, 'fixed' = fixed ETF, 'implicit' = nearest ETF)"
         )
-    return HEADS[method](num_features, num_classes, **kwargs)
+    variant = METHOD_VARIANTS[method]
+    options = {**variant.head_options(), **kwargs}
+    return HEADS[variant.head](num_features, num_classes, **options)
 
 
 def renormalize_heads_(module: nn.Module) -> int:

@@ -17,15 +17,21 @@ import math
 import numpy as np
 import torch
 
-from guided_nc.etf import (
+from guided_nc._checks import (
     COMPUTE_DTYPE,
-    _check_delta,
-    _check_features,
-    _check_max_iterations,
-    _check_stiefel,
+    check_class_matrix,
+    check_delta,
+    check_max_iterations,
+    check_stiefel,
 )
+from guided_nc.etf import polar_backward, register_solver
 
-__all__ = ["dense_ddn_backward", "dense_ddn_bytes", "trust_region_nearest_etf"]
+__all__ = [
+    "TrustRegionPolarFactor",
+    "dense_ddn_backward",
+    "dense_ddn_bytes",
+    "trust_region_nearest_etf",
+]
 
 
 def trust_region_nearest_etf(
@@ -63,20 +69,41 @@ def trust_region_nearest_etf(
 
     Shape: features (d, K) -> P (d, K) in the dtype and on the device of ``features``.
     """
-    import pymanopt  # deferred: pymanopt is only needed for this oracle
-
-    num_classes = _check_features(features)
-    _check_delta(delta)
-    _check_max_iterations(max_iterations)
+    num_classes = check_class_matrix(features)
+    check_delta(delta)
+    check_max_iterations(max_iterations)
     dim = features.shape[0]
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=COMPUTE_DTYPE)
-    prox_np = _check_stiefel(prox, "prox", dim, num_classes).detach().cpu().double().numpy()
-    start = prox_np
+    prox = check_stiefel(prox, "prox", dim, num_classes)
     if initial_point is not None:
-        start = _check_stiefel(initial_point, "initial_point", dim, num_classes)
-        start = start.detach().cpu().double().numpy()
-    y = features.detach().cpu().double().numpy()
+        initial_point = check_stiefel(initial_point, "initial_point", dim, num_classes)
+    frame, info = _run_trust_regions(
+        features, prox, delta, max_iterations, min_gradient_norm, initial_point
+    )
+    frame = frame.to(dtype=features.dtype, device=features.device)
+    return (frame, info) if return_info else frame
+
+
+def _numpy64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().double().numpy()
+
+
+def _run_trust_regions(
+    features: torch.Tensor,
+    prox: torch.Tensor,
+    delta: float,
+    max_iterations: int,
+    min_gradient_norm: float = 1e-6,
+    initial_point: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """pymanopt's trust regions on validated inputs; returns (P float64 CPU, info)."""
+    import pymanopt  # deferred: pymanopt is only needed for this solver
+
+    dim, num_classes = features.shape
+    prox_np = _numpy64(prox)
+    start = prox_np if initial_point is None else _numpy64(initial_point)
+    y = _numpy64(features)
 
     centring = np.eye(num_classes) - 1.0 / num_classes  # M
     scale = 1.0 / math.sqrt(num_classes - 1)
@@ -106,11 +133,7 @@ def trust_region_nearest_etf(
         max_iterations=max_iterations, min_gradient_norm=min_gradient_norm, verbosity=0
     )
     result = optimizer.run(problem, initial_point=np.array(start, copy=True))
-    frame = torch.from_numpy(np.ascontiguousarray(result.point)).to(
-        dtype=features.dtype, device=features.device
-    )
-    if not return_info:
-        return frame
+    frame = torch.from_numpy(np.ascontiguousarray(result.point))
     info = {
         "iterations": int(result.iterations),
         "gradient_norm": float(result.gradient_norm),
@@ -119,6 +142,54 @@ def trust_region_nearest_etf(
         "stopping_criterion": str(result.stopping_criterion),
     }
     return frame, info
+
+
+class TrustRegionPolarFactor(torch.autograd.Function):
+    """The nearest-ETF point found by pymanopt's trust regions, with the closed-form backward.
+
+    Forward: :func:`_run_trust_regions` (the paper's solver) from ``prox``. Backward:
+    :func:`guided_nc.etf.polar_backward` at the returned point P with
+    ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V``, which is exactly the paper's
+    Proposition-1 gradient at that point (equal to the closed form's at convergence).
+    Gradient flows to ``target`` (A) only.
+
+    Shape: target, features, prox (d, K) float64 -> P (d, K) float64.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        target: torch.Tensor,
+        features: torch.Tensor,
+        prox: torch.Tensor,
+        delta: float,
+        max_iterations: int,
+    ) -> torch.Tensor:
+        frame, _ = _run_trust_regions(features, prox, delta, max_iterations)
+        frame = frame.to(dtype=target.dtype, device=target.device)
+        gram = frame.transpose(-2, -1) @ target
+        s, v = torch.linalg.eigh(0.5 * (gram + gram.transpose(-2, -1)))  # B = sym(P^T A)
+        ctx.save_for_backward(frame @ v, s, v)  # U = P V
+        return frame
+
+    @staticmethod
+    def backward(ctx, grad_frame: torch.Tensor):
+        u, s, v = ctx.saved_tensors
+        return polar_backward(u, s, v, grad_frame), None, None, None, None
+
+
+def _trust_region_route(
+    target: torch.Tensor,
+    features: torch.Tensor,
+    prox: torch.Tensor,
+    delta: float,
+    max_iterations: int,
+) -> torch.Tensor:
+    """``nearest_etf(..., solver="trust-regions")``: inputs already validated there."""
+    return TrustRegionPolarFactor.apply(target, features, prox, delta, max_iterations)
+
+
+register_solver("trust-regions", _trust_region_route)
 
 
 def dense_ddn_bytes(dim: int, num_classes: int, dtype: torch.dtype = COMPUTE_DTYPE) -> int:
@@ -192,13 +263,13 @@ def dense_ddn_backward(
 
     Shape: returns dL/dY, (d, K), in the dtype and on the device of ``features``.
     """
-    num_classes = _check_features(features)
-    _check_delta(delta)
+    num_classes = check_class_matrix(features)
+    check_delta(delta)
     dim = features.shape[0]
-    frame = _check_stiefel(frame, "frame", dim, num_classes)
+    frame = check_stiefel(frame, "frame", dim, num_classes)
     if prox is None:
         prox = torch.eye(dim, num_classes, dtype=dtype, device=features.device)
-    prox = _check_stiefel(prox, "prox", dim, num_classes)
+    prox = check_stiefel(prox, "prox", dim, num_classes)
     if not isinstance(grad_frame, torch.Tensor) or tuple(grad_frame.shape) != (dim, num_classes):
         shape = (
             tuple(grad_frame.shape)
