@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from guided_nc import bench
 from guided_nc.bench import metrics as bench_metrics
+from guided_nc.cli import build_parser
 
 
 def test_bench_metrics_runs_and_both_routes_agree(capsys):
-    parser = argparse.ArgumentParser()
-    bench.register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["bench", "metrics", "--sizes", "300x8x3", "--batch-size", "64", "--markdown"]
     )
     assert args.func(args) == 0

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_nc import checkpoint
+from guided_nc import runfiles
 from guided_nc.checkpoint import (
-    atomic_write_text,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -87,7 +86,7 @@ def test_a_crash_before_the_rename_leaves_the_previous_checkpoint(tmp_path, monk
     def failing_replace(source, target):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    monkeypatch.setattr(runfiles.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk went away"):
         save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()
@@ -144,10 +143,3 @@ def test_weights_only_load_rejects_arbitrary_objects(tmp_path):
     torch.save({"x": _NotAllowed()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match=r"(?i)weights_only|unsupported|global"):
         load_checkpoint(tmp_path / "evil.pt")
-
-
-def test_atomic_write_text_replaces_content(tmp_path):
-    atomic_write_text(tmp_path / "a.txt", "one")
-    atomic_write_text(tmp_path / "a.txt", "two")
-    assert (tmp_path / "a.txt").read_text() == "two"
-    assert sorted(os.listdir(tmp_path)) == ["a.txt"]

@@ -11,9 +11,10 @@ import pytest
 from guided_nc import compare as compare_module
 from guided_nc import train as train_module
 from guided_nc.cli import main
-from guided_nc.compare import run_comparison, run_folder, write_report
+from guided_nc.compare import run_comparison
 from guided_nc.config import TrainConfig
-from guided_nc.report import read_long_csv
+from guided_nc.reports.compare import write_report
+from guided_nc.runfiles import read_long_csv, run_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,8 +35,8 @@ METHODS = ("standard", "fixed", "implicit")
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    report = run_comparison(BASE, methods=METHODS, seeds=(0, 1), out=out, timing_repeats=1)
-    return out, report
+    assert run_comparison(BASE, methods=METHODS, seeds=(0, 1), out=out, timing_repeats=1) == out
+    return out, write_report(out)
 
 
 def test_comparison_writes_tables_figures_and_report(comparison):
@@ -47,7 +48,7 @@ def test_comparison_writes_tables_figures_and_report(comparison):
     text = report.read_text()
     assert "![accuracy](figures/accuracy.png)" in text
     # Table cells are median [min, max] over seeds of the runs' own metrics.csv files.
-    for method, label in (("standard", "standard"), ("implicit", "implicit ETF")):
+    for method, label in (("standard", "Standard"), ("implicit", "Implicit ETF")):
         for split in ("train", "test"):
             values = [
                 read_long_csv(run_folder(out, method, seed) / "metrics.csv")[-1][f"{split}_acc1"]
@@ -57,9 +58,9 @@ def test_comparison_writes_tables_figures_and_report(comparison):
             row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
             assert cell in row, (method, split, cell, row)
     tex = (out / "tables.tex").read_text()
-    assert r"\begin{tabular}" in tex and "implicit ETF" in tex
+    assert r"\begin{tabular}" in tex and "Implicit ETF" in tex
     # Table 3 layout: with and without the DDN gradient, and the cost relative to standard.
-    assert "implicit ETF, no DDN gradient" in text and "vs standard" in text
+    assert "Implicit ETF, no DDN gradient" in text and "vs standard" in text
 
 
 @pytest.fixture

@@ -9,16 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from guided_nc import train as train_module
 from guided_nc.checkpoint import load_checkpoint
 from guided_nc.config import TrainConfig, add_config_arguments
 from guided_nc.heads import normalize_features
-from guided_nc.models import MODEL_NAMES, build_backbone
+from guided_nc.models import MODEL_NAMES, Classifier, build_backbone
 from guided_nc.optim import build_optimizer, build_scheduler
-from guided_nc.report import read_long_csv
-from guided_nc.train import Classifier, build_head_for, fit, training_step
+from guided_nc.runfiles import read_long_csv
+from guided_nc.timing import training_step
+from guided_nc.train import build_head_for, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -120,8 +120,8 @@ def test_every_model_and_head_trains_one_step(model_name, method):
     labels = torch.arange(batch) % num_classes
     before = [p.detach().clone() for p in model.backbone.parameters()]
     model.train()
-    loss = training_step(model, optimizer, scheduler, inputs, labels)
-    assert torch.isfinite(loss)
+    loss, correct = training_step(model, optimizer, inputs, labels, scheduler=scheduler)
+    assert torch.isfinite(loss) and 0 <= int(correct) <= batch
     after = list(model.backbone.parameters())
     changed = [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
     assert all(changed), f"{sum(changed)}/{len(changed)} backbone tensors were updated"
@@ -132,20 +132,35 @@ def test_every_model_and_head_trains_one_step(model_name, method):
         assert int(model.head.num_steps) == 1
 
 
-def test_a_step_with_sgd_and_biases_updates_the_biases():
+def test_a_step_with_sgd_and_biases_is_one_sgd_step_on_the_cross_entropy():
     torch.manual_seed(0)
     backbone = build_backbone("mlp", input_shape=(1, 8, 8), bias=True, affine=True, width=16)
     model = Classifier(backbone, build_head_for(TrainConfig(optimizer="sgd"), 16, 3))
-    optimizer = build_optimizer("sgd", list(model.parameters()), lr=0.1)
-    biases = [p for p in model.parameters() if p.ndim == 1]
-    before = [p.detach().clone() for p in biases]
-    inputs, labels = torch.randn(6, 1, 8, 8), torch.arange(6) % 3
-    # Independent loss: the same forward by hand.
-    with torch.no_grad():
-        expected = F.cross_entropy(model(inputs, labels), labels)
-    loss = training_step(model, optimizer, build_scheduler(optimizer, "none"), inputs, labels)
-    torch.testing.assert_close(loss, expected)
-    assert biases and all(not torch.equal(a, b) for a, b in zip(before, biases, strict=True))
+    lr, inputs, labels = 0.1, torch.randn(6, 1, 8, 8), torch.arange(6) % 3
+    optimizer = build_optimizer("sgd", list(model.parameters()), lr=lr)
+    biases = {name: p for name, p in model.named_parameters() if p.ndim == 1}
+
+    # Independent loss and gradient: the head's maths by hand in float64 (h = tau f/||f||,
+    # logits = h W^T, cross-entropy by log-sum-exp) on the parameters before the step.
+    def loss_by_hand() -> torch.Tensor:
+        features = model.backbone(inputs).double()
+        h = 5.0 * features / features.norm(dim=1, keepdim=True)
+        logits = h @ model.head.weight.double().T
+        picked = logits.gather(1, labels[:, None]).squeeze(1)
+        return (torch.logsumexp(logits, dim=1) - picked).mean()
+
+    expected_loss = loss_by_hand()
+    gradients = torch.autograd.grad(expected_loss, list(biases.values()))
+    before = {name: p.detach().clone() for name, p in biases.items()}
+    loss, _ = training_step(
+        model, optimizer, inputs, labels, scheduler=build_scheduler(optimizer, "none")
+    )
+    torch.testing.assert_close(loss.double(), expected_loss.detach(), rtol=1e-5, atol=1e-6)
+    # SGD's first step with momentum: the buffer is the gradient, p <- p - lr * grad.
+    for (name, value), grad in zip(before.items(), gradients, strict=True):
+        expected = value - lr * grad.float()
+        torch.testing.assert_close(biases[name].detach(), expected, rtol=1e-5, atol=1e-7)
+    assert biases and all(grad.abs().max() > 0 for grad in gradients)
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -220,8 +235,6 @@ def test_run_folder_outputs_and_evaluation_semantics(tmp_path):
     for name in ("config.json", "metrics.csv", "summary.json", "checkpoint.pt", "done"):
         assert (folder / name).is_file(), name
     assert any((folder / "tensorboard").iterdir())
-    from guided_nc.report import read_long_csv
-
     rows = read_long_csv(folder / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2, 3]  # eval epochs + the last
     summary = json.loads((folder / "summary.json").read_text())
@@ -256,9 +269,9 @@ def test_methods_see_the_same_batches_at_a_seed(tmp_path, monkeypatch):
     seen: dict[str, list] = {}
     real_step = train_module.training_step
 
-    def recording_step(model, optimizer, scheduler, inputs, labels):
+    def recording_step(model, optimizer, inputs, labels, **kwargs):
         seen.setdefault(model.head.__class__.__name__, []).append(labels.clone())
-        return real_step(model, optimizer, scheduler, inputs, labels)
+        return real_step(model, optimizer, inputs, labels, **kwargs)
 
     monkeypatch.setattr(train_module, "training_step", recording_step)
     for method in ("standard", "fixed", "implicit"):
@@ -362,7 +375,6 @@ def test_evaluation_does_not_perturb_training_and_runs_extend_exactly(tmp_path):
 def test_long_tail_and_label_noise_flags_reach_the_training_split(tmp_path):
     """--long-tail exp --imbalance-factor 0.5 keeps int(n_max * 0.5^(c/(K-1))) of class c."""
     from guided_nc.data import build_datasets
-    from guided_nc.report import read_long_csv
 
     clean_counts = torch.bincount(build_datasets("digits", augment=False).train_labels)
     n_max = int(clean_counts.min())  # the release's rule: the smallest class sets the head

@@ -19,7 +19,7 @@ import torch
 from distributed_helpers import free_port, run_distributed
 from guided_nc.checkpoint import load_checkpoint
 from guided_nc.config import TrainConfig
-from guided_nc.report import read_long_csv
+from guided_nc.runfiles import read_long_csv
 from guided_nc.train import fit
 
 TINY = {
@@ -50,10 +50,10 @@ def _live_state_worker(rank: int, world_size: int, config: dict, out: str) -> di
     for method in METHODS:
         models = []
 
-        def recording_step(model, optimizer, scheduler, inputs, labels, models=models):
+        def recording_step(model, optimizer, inputs, labels, models=models, **kwargs):
             if not models:  # unwrap DDP: the Classifier every rank trains
                 models.append(model.module if hasattr(model, "module") else model)
-            return real_step(model, optimizer, scheduler, inputs, labels)
+            return real_step(model, optimizer, inputs, labels, **kwargs)
 
         train_module.training_step = recording_step
         try:
@@ -118,12 +118,12 @@ def _crash_and_resume_worker(rank: int, world_size: int, config: dict, out: str)
     def run(name: str, crash_at_step: int | None, resume: bool) -> None:
         steps = []
 
-        def step(model, optimizer, scheduler, inputs, labels):
+        def step(model, optimizer, inputs, labels, **kwargs):
             steps.append(1)
             if len(steps) == crash_at_step:  # both ranks stop before any collective
                 raise _Crash
             live[name] = model.module if hasattr(model, "module") else model
-            return real_step(model, optimizer, scheduler, inputs, labels)
+            return real_step(model, optimizer, inputs, labels, **kwargs)
 
         train_module.training_step = step
         try:
@@ -166,23 +166,27 @@ def test_resume_under_two_processes_equals_an_uninterrupted_run(tmp_path):
 
 
 def _compare_worker(rank: int, world_size: int, config: dict, out: str) -> dict:
+    """What ``torchrun ... guided-nc compare`` does: every rank runs, rank 0 reports."""
     from guided_nc.compare import run_comparison
+    from guided_nc.reports.compare import write_report
 
-    report = run_comparison(
+    folder = run_comparison(
         TrainConfig(**config), methods=("standard", "implicit"), seeds=(0,), out=out
     )
-    return {"report": str(report)}
+    report = write_report(folder) if rank == 0 else None
+    return {"folder": str(folder), "report": str(report)}
 
 
 def test_compare_under_two_processes_trains_every_run_once_and_reports_once(tmp_path):
     ranks = run_distributed(_compare_worker, world_size=2, args=(TINY, str(tmp_path)))
-    assert [rank["report"] for rank in ranks] == [str(tmp_path / "report.md")] * 2
+    assert [rank["folder"] for rank in ranks] == [str(tmp_path)] * 2
+    assert ranks[0]["report"] == str(tmp_path / "report.md")
     for method in ("standard", "implicit"):
         folder = tmp_path / "runs" / method / "seed0"
         assert (folder / "done").exists()
         assert '"world_size": 2' in (folder / "summary.json").read_text()
     report = (tmp_path / "report.md").read_text()
-    assert "implicit ETF" in report
+    assert "Implicit ETF" in report
     # The same-process cost table needs every rank in one process: skipped under torchrun.
     assert not (tmp_path / "timing.json").exists()
 

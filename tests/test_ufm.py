@@ -8,7 +8,6 @@ times sqrt(N/d)); determinism by comparing the bytes of two runs.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -19,22 +18,25 @@ import numpy as np
 import pytest
 import torch
 
-from guided_nc import report, ufm
+from guided_nc import runfiles as report
+from guided_nc import ufm
+from guided_nc.cli import _demo_command, build_parser, main, ufm_configs
+from guided_nc.config import PRESETS, UFM_METRICS_FIELDS, Preset, UFMConfig, parse_preset
+from guided_nc.methods import METHODS
+from guided_nc.reports import ufm as ufm_report
 
 # K=3, N=24, d=6 with tau=2: every method reaches 100 % accuracy and the CE bound within ~25
 # full-batch AGD steps, so both convergence counts are exercised with real numbers.
-TINY = ufm.parse_preset("3:24:6")
-TINY_CONFIG = ufm.UFMConfig(
-    preset=TINY, seeds=(0, 1), iterations=30, eval_interval=10, temperature=2.0
-)
+TINY = parse_preset("3:24:6")
+TINY_CONFIG = UFMConfig(preset=TINY, seeds=(0, 1), iterations=30, eval_interval=10, temperature=2.0)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ufm")
-    path = ufm.run_preset(TINY_CONFIG, out, progress=False)
-    assert path == out / "report.md"
+    assert ufm.run_preset(TINY_CONFIG, out, progress=False) == out
+    assert ufm_report.build_report(out) == out / "report.md"
     return out
 
 
@@ -54,7 +56,7 @@ def _median_never_last(values):
 def test_every_output_file_with_structure(tiny_run):
     for name in ("config.json", "metrics.csv", "timings.csv", "final_margins.npz", "report.md"):
         assert (tiny_run / name).is_file(), name
-    for stem, *_ in ufm.FIGURES:
+    for stem, *_ in ufm_report.FIGURES:
         assert (tiny_run / f"{stem}.png").read_bytes()[:8] == PNG
     for name in ("overview.png", "margin_distribution.png"):
         assert (tiny_run / name).read_bytes()[:8] == PNG
@@ -65,9 +67,9 @@ def test_every_output_file_with_structure(tiny_run):
             assert (tiny_run / line.split("(")[-1].rstrip(")")).is_file()
 
     rows = _read_csv(tiny_run / "metrics.csv")
-    assert list(rows[0]) == list(ufm.METRICS_FIELDS)
+    assert list(rows[0]) == list(UFM_METRICS_FIELDS)
     iterations = TINY_CONFIG.iterations
-    assert len(rows) == len(ufm.METHODS) * 2 * (iterations + 1)
+    assert len(rows) == len(METHODS) * 2 * (iterations + 1)
     evaluated = set(ufm.evaluation_iterations(iterations, TINY_CONFIG.eval_interval))
     assert evaluated == {0, 1, 2, 5, 10, 20, 30}
     for row in rows:
@@ -75,15 +77,15 @@ def test_every_output_file_with_structure(tiny_run):
         has_collapse = row["nc1"] != ""
         assert has_collapse == (int(row["iteration"]) in evaluated)
     timings = _read_csv(tiny_run / "timings.csv")
-    assert len(timings) == len(ufm.METHODS) * 2 * iterations
+    assert len(timings) == len(METHODS) * 2 * iterations
     assert all(float(row["step_seconds"]) > 0 for row in timings)
 
     with np.load(tiny_run / "final_margins.npz") as archive:
-        assert sorted(archive.files) == sorted(f"{m}/{s}" for m in ufm.METHODS for s in (0, 1))
+        assert sorted(archive.files) == sorted(f"{m}/{s}" for m in METHODS for s in (0, 1))
         assert all(archive[key].shape == (TINY.num_samples,) for key in archive.files)
 
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert set(summary["methods"]) == set(ufm.METHODS)
+    assert set(summary["methods"]) == set(METHODS)
     for data in summary["methods"].values():
         for key in ("iters_to_full_acc", "iters_to_bound", "seconds_per_iteration"):
             assert set(data[key]) == {"median", "min", "max"}
@@ -97,7 +99,7 @@ def test_summary_agrees_with_metrics_csv(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["ce_lower_bound"] == pytest.approx(bound, rel=1e-12)
     rows = _read_csv(tiny_run / "metrics.csv")
-    for method in ufm.METHODS:
+    for method in METHODS:
         to_accuracy, to_bound, final_nc1 = [], [], []
         for seed in ("0", "1"):
             mine = sorted(
@@ -134,7 +136,7 @@ def test_summarize_metrics_never_reached():
         + rows(1, [50, 90, 100], [1.0, 0.9, 0.8])
         + rows(2, [90, 95, 99], [1.0, 0.9, 0.8])
     )
-    summary = ufm.summarize_metrics(metrics, [], num_classes=3, temperature=2.0)
+    summary = ufm_report.summarize_metrics(metrics, [], num_classes=3, temperature=2.0)
     data = summary["methods"]["fixed"]
     assert data["per_seed"]["iters_to_full_acc"] == [1, 2, None]
     assert data["iters_to_full_acc"] == {"median": 2, "min": 1, "max": None}
@@ -144,17 +146,17 @@ def test_summarize_metrics_never_reached():
 
 
 def test_same_seed_gives_identical_metrics_csv(tmp_path):
-    config = ufm.UFMConfig(preset=TINY, seeds=(3,), iterations=8, eval_interval=4, batch_size=12)
+    config = UFMConfig(preset=TINY, seeds=(3,), iterations=8, eval_interval=4, batch_size=12)
     paths = []
     for attempt, seed in enumerate((3, 3, 4)):
         rows, _, _ = ufm.train_run(config, "implicit", seed)
-        paths.append(report.write_long_csv(tmp_path / f"{attempt}.csv", rows, ufm.METRICS_FIELDS))
+        paths.append(report.write_long_csv(tmp_path / f"{attempt}.csv", rows, UFM_METRICS_FIELDS))
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_bytes() != paths[2].read_bytes()
 
 
 def test_methods_share_initial_features_and_batches(tiny_run, monkeypatch):
-    preset = ufm.parse_preset("3:30:5")
+    preset = parse_preset("3:30:5")
     features, labels = ufm.initial_features(preset, 7)
     # AGD's init: semi-orthogonal times sqrt(N/d)  <=>  F^T F = (N/d) I_d (N >= d).
     gram = features.double().T @ features.double()
@@ -169,7 +171,7 @@ def test_methods_share_initial_features_and_batches(tiny_run, monkeypatch):
     rows = _read_csv(tiny_run / "metrics.csv")
     for seed in ("0", "1"):
         initial = [r for r in rows if r["seed"] == seed and r["iteration"] == "0"]
-        assert len(initial) == len(ufm.METHODS)
+        assert len(initial) == len(METHODS)
         for key in ("nc1", "nc2_h", "cv_h", "etf_distance"):
             assert len({r[key] for r in initial}) == 1, key
     seeds_differ = {r["nc1"] for r in rows if r["iteration"] == "0"}
@@ -189,8 +191,8 @@ def test_methods_share_initial_features_and_batches(tiny_run, monkeypatch):
 
     seen_keys: list = []
     monkeypatch.setattr(ufm, "_batch_stream", recording)
-    config = ufm.UFMConfig(preset=TINY, seeds=(5,), iterations=5, eval_interval=5, batch_size=6)
-    for method in ufm.METHODS:
+    config = UFMConfig(preset=TINY, seeds=(5,), iterations=5, eval_interval=5, batch_size=6)
+    for method in METHODS:
         ufm.train_run(config, method, 5)
     logs = list(seen[(TINY.name, 5)].values())
     assert len(logs) == 3
@@ -211,13 +213,12 @@ def test_rerun_resumes_and_report_rebuilds_from_files(tiny_run, monkeypatch):
     monkeypatch.setattr(ufm, "train_run", must_not_train)
     for name in ("summary.json", "report.md", "loss.png", "metrics.csv"):
         (tiny_run / name).unlink()
-    ufm.run_preset(TINY_CONFIG, tiny_run, progress=False)  # merges the run folders, rebuilds
+    ufm.run_preset(TINY_CONFIG, tiny_run, progress=False)  # every run is finished: no training
+    ufm_report.build_report(tiny_run)  # merges the run folders, rebuilds from files only
     assert (tiny_run / "summary.json").read_text() == before
     assert (tiny_run / "loss.png").read_bytes()[:8] == PNG
 
-    changed = ufm.UFMConfig(
-        preset=TINY, seeds=(0,), iterations=31, eval_interval=10, temperature=2.0
-    )
+    changed = UFMConfig(preset=TINY, seeds=(0,), iterations=31, eval_interval=10, temperature=2.0)
     with pytest.raises(ValueError, match="different configuration"):
         ufm.run_preset(changed, tiny_run, progress=False)
 
@@ -226,16 +227,17 @@ def test_one_call_per_seed_into_one_folder_equals_one_call(tiny_run, tmp_path):
     """As parallel processes would: each call writes config.json with its own seeds."""
     for seed in (1, 0):
         ufm.run_preset(dataclasses.replace(TINY_CONFIG, seeds=(seed,)), tmp_path, progress=False)
+    ufm_report.build_report(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["config"]
-    assert saved["seeds"] == [0, 1] and saved["methods"] == list(ufm.METHODS)
+    assert saved["seeds"] == [0, 1] and saved["methods"] == list(METHODS)
     assert (tmp_path / "metrics.csv").read_text() == (tiny_run / "metrics.csv").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(data["seeds"] == [0, 1] for data in summary["methods"].values())
 
 
 def test_scaling_report(tiny_run, tmp_path):
-    other = ufm.UFMConfig(
-        preset=ufm.parse_preset("4:16:4"),
+    other = UFMConfig(
+        preset=parse_preset("4:16:4"),
         methods=("standard", "implicit"),
         seeds=(0,),
         iterations=6,
@@ -243,7 +245,8 @@ def test_scaling_report(tiny_run, tmp_path):
         temperature=2.0,
     )
     ufm.run_preset(other, tmp_path / "small", progress=False)
-    path = ufm.build_scaling_report(tmp_path, [tiny_run, tmp_path / "small"])
+    ufm_report.build_report(tmp_path / "small")
+    path = ufm_report.build_scaling_report(tmp_path, [tiny_run, tmp_path / "small"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["presets"]) == [TINY.name, "ufm-4x16x4"]  # sorted by K
     assert "fixed" not in summary["presets"]["ufm-4x16x4"]["methods"]
@@ -253,9 +256,7 @@ def test_scaling_report(tiny_run, tmp_path):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="guided-nc")
-    ufm.register_cli(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 @pytest.mark.parametrize(
@@ -263,7 +264,7 @@ def _parser():
     [
         (["ufm", "--preset", "ufm-7"], r"preset='ufm-7' is not known; use one of"),
         (["ufm", "--preset", "ufm-10,2:1:4"], r"needs K >= 2, N >= K and d >= K"),
-        (["ufm", "--methods", "standard,foo"], r"unknown method\(s\) \['foo'\]"),
+        (["ufm", "--methods", "standard,foo"], r"contains unknown \['foo'\]"),
         (["ufm", "--seeds", "0"], r"--seeds: 0 must be >= 1"),
         (["ufm", "--batch-size", "x"], r"--batch-size: 'x' is not an integer"),
     ],
@@ -277,32 +278,32 @@ def test_cli_parse_errors_are_clear(argv, message, capsys):
 
 def test_cli_defaults():
     args = _parser().parse_args(["ufm"])
-    configs = ufm._configs(args)
+    configs = ufm_configs(args)
     assert len(configs) == 1
     config = configs[0]
-    assert config.preset == ufm.PRESETS["ufm-10"] and config.methods == ufm.METHODS
+    assert config.preset == PRESETS["ufm-10"] and config.methods == METHODS
     assert config.seeds == (0, 1, 2, 3, 4) and config.iterations == 2000
     assert config.optimizer == "agd" and config.gain == 10.0 and config.full_batch
     args = _parser().parse_args(["ufm", "--preset", "ufm-100,ufm-200", "--no-ddn-grad"])
-    assert [c.preset.num_classes for c in ufm._configs(args)] == [100, 200]
-    assert not ufm._configs(args)[0].ddn_grad
+    assert [c.preset.num_classes for c in ufm_configs(args)] == [100, 200]
+    assert not ufm_configs(args)[0].ddn_grad
     demo = _parser().parse_args(["demo"])
-    assert demo.func is ufm._demo_command and demo.out == "runs/demo" and demo.threads == 1
+    assert demo.func is _demo_command and demo.out == "runs/demo" and demo.threads == 1
 
 
 def test_measure_step_times_interleaves_every_variant():
-    config = ufm.UFMConfig(preset=TINY, methods=("standard", "implicit"), seeds=(2,))
+    config = UFMConfig(preset=TINY, methods=("standard", "implicit"), seeds=(2,))
     times = ufm.measure_step_times(config, steps=3, warmup=1)
     assert list(times) == ["standard", "implicit", "implicit-no-ddn"]
     assert all(len(values) == 3 and min(values) > 0 for values in times.values())
 
 
 def test_ufm_command_reports_bad_config(tmp_path, capsys):
-    args = _parser().parse_args(
-        ["ufm", "--preset", "3:6:3", "--batch-size", "7", "--out", str(tmp_path)]
-    )
-    assert args.func(args) == 2
-    assert "batch_size=7 exceeds N=6" in capsys.readouterr().err
+    code = main(["ufm", "--preset", "3:6:3", "--batch-size", "7", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "guided-nc ufm: error: batch_size=7 exceeds N=6" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -319,11 +320,11 @@ def test_ufm_command_reports_bad_config(tmp_path, capsys):
 )
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ufm.UFMConfig(preset=TINY, **kwargs)
+        UFMConfig(preset=TINY, **kwargs)
 
 
 def test_parse_preset():
-    assert ufm.parse_preset("ufm-1000") == ufm.Preset("ufm-1000", 1000, 10000, 1024)
-    assert ufm.parse_preset("5:50:7") == ufm.Preset("ufm-5x50x7", 5, 50, 7)
+    assert parse_preset("ufm-1000") == Preset("ufm-1000", 1000, 10000, 1024)
+    assert parse_preset("5:50:7") == Preset("ufm-5x50x7", 5, 50, 7)
     with pytest.raises(ValueError, match="needs K >= 2, N >= K and d >= K"):
-        ufm.parse_preset("4:40:3")
+        parse_preset("4:40:3")

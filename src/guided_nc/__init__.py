@@ -8,10 +8,9 @@ The public API is re-exported here; see README.md and docs/.
 True
 """
 
-__version__ = "0.1.0"
-
 # Importing the solvers registers nearest_etf(..., solver="trust-regions") (pymanopt loads lazily).
 from guided_nc import solvers as _solvers  # noqa: F401
+from guided_nc._version import __version__
 from guided_nc.etf import (
     centering_matrix,
     etf_classifier,

@@ -1,7 +1,8 @@
 """Atomic checkpoints and the random-number-generator state a resumed run needs.
 
-A checkpoint is written to a temporary file in the same folder and moved over the old one with
-:func:`os.replace` (atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact.
+A checkpoint is written with :func:`guided_nc.runfiles.atomic_write` (a temporary file in the same
+folder, moved over the old one with :func:`os.replace`, atomic on POSIX), so a crash mid-write
+leaves the previous checkpoint intact.
 It is read back with ``torch.load(..., weights_only=True)``: every value stored here is a tensor,
 a number, a string, ``None`` or a list/dict of those (numpy's and Python's generator states are
 converted to tensors and lists for that reason).
@@ -9,45 +10,21 @@ converted to tensors and lists for that reason).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from guided_nc.runfiles import atomic_write
+
 __all__ = [
-    "atomic_write_text",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        # Why BaseException: a KeyboardInterrupt mid-write must not leave temp files behind.
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic_write(Path(path), lambda file: file.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -56,7 +33,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     ``state`` must be loadable with ``weights_only=True``: tensors, numbers, strings, ``None``
     and (nested) lists, tuples and dicts of those.
     """
-    _atomic_write(Path(path), lambda file: torch.save(state, file))
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

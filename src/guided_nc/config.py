@@ -11,27 +11,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
-import sys
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-__all__ = [
-    "METHODS",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "TrainConfig",
-    "add_config_arguments",
-    "environment_info",
-    "parse_int_list",
-]
+from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
+from guided_nc.metrics import METRIC_KEYS
+from guided_nc.optim import OPTIMIZERS, SCHEDULES
+from guided_nc.runfiles import atomic_write_json, environment_info, read_json
+from guided_nc.runtime import DEVICES
 
-METHODS = ("standard", "fixed", "implicit")
-OPTIMIZERS = ("agd", "sgd", "adam", "adamw")
-SCHEDULES = ("none", "cosine", "step")
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = [
+    "PRESETS",
+    "UFM_DENSE_COLUMNS",
+    "UFM_METRICS_FIELDS",
+    "UFM_NC_COLUMNS",
+    "UFM_TIMINGS_FIELDS",
+    "Preset",
+    "TrainConfig",
+    "UFMConfig",
+    "add_config_arguments",
+    "config_from_namespace",
+    "int_at_least",
+    "parse_int_list",
+    "parse_preset",
+]
 
 #: Fields that may differ between an interrupted run and its ``--resume``: they change where and
 #: how verbosely a run executes, not the numbers it produces. ``eval_epochs`` is one of them
@@ -85,7 +91,7 @@ class TrainConfig:
     depth: int | None = field(default=None, metadata={"help": "MLP hidden layers"})
     batch_norm: bool = field(default=True, metadata={"help": "batch norm in the MLP/CNN"})
     method: str = field(
-        default="standard", metadata={**_choices(*METHODS), "help": "classifier head"}
+        default="standard", metadata={**_choices(*HEAD_NAMES), "help": "classifier head"}
     )
     ddn_grad: bool = field(
         default=True,
@@ -199,12 +205,7 @@ class TrainConfig:
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> TrainConfig:
         """Build a config from parsed CLI arguments (absent flags keep their defaults)."""
-        values = {
-            item.name: getattr(namespace, item.name)
-            for item in fields(cls)
-            if hasattr(namespace, item.name)
-        }
-        return cls(**values)
+        return config_from_namespace(cls, namespace)
 
     def eval_epoch_set(self) -> tuple[int, ...]:
         """Epochs to evaluate: the requested ones within range, plus the last epoch."""
@@ -233,15 +234,12 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write ``{"config": ..., "environment": ...}`` as JSON, atomically."""
-        from guided_nc.checkpoint import atomic_write_text
-
-        payload = {"config": self.to_dict(), "environment": environment_info()}
-        atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(path, {"config": self.to_dict(), "environment": environment_info()})
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a config written by :meth:`save` (or a plain dict of fields)."""
-        data = json.loads(Path(path).read_text())
+        data = read_json(path)
         return cls.from_dict(data.get("config", data))
 
 
@@ -269,17 +267,23 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), defaults: dict | None = None
+    parser: argparse.ArgumentParser,
+    config_class: type = TrainConfig,
+    exclude: tuple[str, ...] = (),
+    defaults: dict | None = None,
 ) -> None:
-    """Add one flag per :class:`TrainConfig` field (``snake_case`` -> ``--kebab-case``).
+    """Add one flag per field of a config dataclass (``snake_case`` -> ``--kebab-case``).
 
-    Booleans get ``--name`` / ``--no-name``; ``eval_epochs`` takes ``1,50,200``. ``exclude``
-    names fields the caller handles itself; ``defaults`` overrides shown defaults.
+    Booleans get ``--name`` / ``--no-name``; tuples of ints take ``1,50,200``. A field's
+    metadata may give ``help``, ``choices``, ``metavar`` and ``type`` (an argparse type
+    function, for values the annotation alone cannot parse). Fields with ``cli=False`` in their
+    metadata, and those in ``exclude``, are left to the caller. ``defaults`` overrides the
+    defaults (and the shown defaults).
     """
-    hints = get_type_hints(TrainConfig)
+    hints = get_type_hints(config_class)
     defaults = defaults or {}
-    for item in fields(TrainConfig):
-        if item.name in exclude:
+    for item in fields(config_class):
+        if item.name in exclude or item.metadata.get("cli", True) is False:
             continue
         flag = "--" + item.name.replace("_", "-")
         default = defaults.get(item.name, item.default)
@@ -287,43 +291,253 @@ def add_config_arguments(
         hint = hints[item.name]
         kwargs: dict[str, Any] = {"dest": item.name, "default": default}
         options = [a for a in get_args(hint) if a is not type(None)] if get_args(hint) else [hint]
-        if get_origin(hint) is tuple:
+        if "type" in item.metadata:
+            kwargs["type"] = item.metadata["type"]
+        elif get_origin(hint) is tuple:
             kwargs["type"] = parse_int_list
             kwargs["metavar"] = "E1,E2,..."
         elif options == [bool]:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = options[0]
-            if "choices" in item.metadata:
-                kwargs["choices"] = item.metadata["choices"]
-        parser.add_argument(flag, help=f"{help_text} (default: {default})".strip(), **kwargs)
+        if "choices" in item.metadata:
+            kwargs["choices"] = item.metadata["choices"]
+        if "metavar" in item.metadata:
+            kwargs["metavar"] = item.metadata["metavar"]
+        shown = ",".join(default) if isinstance(default, tuple) and default else default
+        parser.add_argument(flag, help=f"{help_text} (default: {shown})".strip(), **kwargs)
 
 
-def environment_info() -> dict[str, Any]:
-    """Versions of the interpreter and libraries a run used (saved with its config)."""
-    import numpy
-    import torch
-
-    import guided_nc
-
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "guided_nc": guided_nc.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
+def config_from_namespace(config_class: type, namespace: argparse.Namespace, **overrides):
+    """Build a config from parsed CLI arguments; absent flags keep their defaults."""
+    values = {
+        item.name: getattr(namespace, item.name)
+        for item in fields(config_class)
+        if hasattr(namespace, item.name)
     }
-    try:
-        import torchvision
+    values.update(overrides)
+    return config_class(**values)
 
-        info["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        info["torchvision"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, else an error naming value and bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def _methods_argument(text: str) -> tuple[str, ...]:
+    try:
+        return parse_methods(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _batch_size_argument(text: str) -> int | None:
+    value = int_at_least(0)(text)
+    return value or None  # 0 = full batch
+
+
+# --- unconstrained feature models -----------------------------------------------------------------
+
+
+#: Columns of a UFM run's metrics.csv with a value every iteration (the rest only at the NC
+#: evaluations).
+UFM_DENSE_COLUMNS = ("loss", "acc1", "eta")
+
+#: Neural-collapse columns of a UFM run's metrics.csv: every key of
+#: :meth:`~guided_nc.metrics.NeuralCollapseMetrics.compute` but the accuracies (``acc1`` is dense
+#: above; ``acc5`` is not plotted) and the sample count.
+UFM_NC_COLUMNS = tuple(key for key in METRIC_KEYS if key not in ("acc1", "acc5", "n"))
+
+#: The columns of a UFM run's metrics.csv and timings.csv, in order.
+UFM_METRICS_FIELDS = ("preset", "method", "seed", "iteration", *UFM_DENSE_COLUMNS, *UFM_NC_COLUMNS)
+UFM_TIMINGS_FIELDS = ("preset", "method", "seed", "iteration", "step_seconds")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A UFM size: K classes, N free features (N/K per class), feature dimension d."""
+
+    name: str
+    num_classes: int
+    num_samples: int
+    num_features: int
+
+
+#: The paper's configurations (section 4; method.md section 7).
+PRESETS = {
+    "ufm-10": Preset("ufm-10", 10, 1000, 512),
+    "ufm-100": Preset("ufm-100", 100, 5000, 1024),
+    "ufm-200": Preset("ufm-200", 200, 5000, 1024),
+    "ufm-1000": Preset("ufm-1000", 1000, 10000, 1024),
+}
+
+
+def parse_preset(text: str) -> Preset:
+    """A preset by name (``ufm-10``, ``ufm-100``, ``ufm-200``, ``ufm-1000``) or ``K:N:d``.
+
+    The custom form ``K:N:d`` (e.g. ``4:40:8``, named ``ufm-4x40x8``) is for tests and quick
+    looks; it needs K >= 2, N >= K and d >= K (the ETF heads need d >= K).
+    """
+    if text in PRESETS:
+        return PRESETS[text]
+    parts = text.split(":")
+    if len(parts) == 3 and all(part.isdigit() for part in parts):
+        num_classes, num_samples, num_features = (int(part) for part in parts)
+        if num_classes < 2 or num_samples < num_classes or num_features < num_classes:
+            raise ValueError(
+                f"preset={text!r} needs K >= 2, N >= K and d >= K (K:N:d); got K={num_classes}, "
+                f"N={num_samples}, d={num_features}"
+            )
+        name = f"ufm-{num_classes}x{num_samples}x{num_features}"
+        return Preset(name, num_classes, num_samples, num_features)
+    raise ValueError(
+        f"preset={text!r} is not known; use one of {sorted(PRESETS)} or 'K:N:d' "
+        f"(e.g. '4:40:8' for 4 classes, 40 features of dimension 8)"
+    )
+
+
+@dataclass(frozen=True)
+class UFMConfig:
+    """Everything that determines a UFM experiment on one preset (all methods, all seeds).
+
+    Every field but ``preset`` and ``seeds`` is a flag of ``guided-nc ufm``
+    (:func:`add_config_arguments`); the command takes ``--preset`` (several, comma-separated),
+    ``--seeds N`` and ``--first-seed S``.
+
+    Attributes:
+        preset: the problem size.
+        methods: methods to compare (names from :data:`guided_nc.methods.METHOD_VARIANTS`).
+        seeds: seeds; seed s fixes the initial features, the standard head's initial W and the
+            batch order, identically for every method.
+        iterations: optimiser steps per run (paper: 2000).
+        temperature: tau, the norm of the normalised features (paper: 5).
+        optimizer: ``agd`` (paper), ``sgd``, ``adam`` or ``adamw``.
+        gain: AGD's gain (paper: 10).
+        lr: learning rate (None: :func:`guided_nc.optim.build_optimizer`'s default; for AGD a
+            multiplier of the gain).
+        momentum: SGD momentum.
+        weight_decay: None = the optimiser's default (0 except AdamW 0.01); AGD rejects non-zero.
+        schedule: ``none`` or ``cosine`` (over ``iterations`` steps), per step.
+        batch_size: None = full batch (every step sees all N features, the default); otherwise
+            stratified batches of this size (:class:`guided_nc.sampler.StratifiedBatchSampler`).
+        eval_interval: NC metrics every this many iterations (and at 0 and the last); loss and
+            accuracy are evaluated after every iteration.
+        ddn_grad: implicit head: differentiate through the nearest-ETF layer.
+        delta: implicit head: proximal coefficient.
+        running_mean_momentum: momentum of the ETF heads' running feature mean (evaluation bias);
+            None = 1.0 with full batches (the batch is the whole data set), 0.1 otherwise.
+    """
+
+    preset: Preset = field(metadata={"cli": False})
+    methods: tuple[str, ...] = field(
+        default=METHODS,
+        metadata={
+            "type": _methods_argument,
+            "help": f"comma-separated subset of {','.join(METHOD_VARIANTS)}",
+            "metavar": "M1,M2,...",
+        },
+    )
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"cli": False})
+    iterations: int = field(
+        default=2000, metadata={"type": int_at_least(1), "help": "optimiser steps per run"}
+    )
+    temperature: float = field(default=5.0, metadata={"help": "feature norm tau"})
+    optimizer: str = field(default="agd", metadata={"choices": OPTIMIZERS})
+    gain: float = field(default=10.0, metadata={"help": "AGD gain (paper: 10)"})
+    lr: float | None = field(
+        default=None, metadata={"help": "learning rate (None: the optimiser's default)"}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float | None = field(
+        default=None, metadata={"help": "weight decay (None: the optimiser's default)"}
+    )
+    schedule: str = field(default="none", metadata={"choices": ("none", "cosine")})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "type": _batch_size_argument,
+            "help": "stratified batches of this size; 0 or None = full batch",
+        },
+    )
+    eval_interval: int = field(
+        default=20, metadata={"type": int_at_least(1), "help": "NC metrics every N iterations"}
+    )
+    ddn_grad: bool = field(
+        default=True, metadata={"help": "implicit head: back-propagate through the ETF layer"}
+    )
+    delta: float = field(default=1e-3, metadata={"help": "implicit head: proximal coefficient"})
+    running_mean_momentum: float | None = field(
+        default=None,
+        metadata={"help": "ETF heads' running-mean momentum (None: 1 full batch, else 0.1)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preset, Preset):
+            raise TypeError(f"preset must be a Preset (see parse_preset), got {self.preset!r}")
+        if not self.methods:
+            raise ValueError("methods is empty; pass at least one of 'standard,fixed,implicit'")
+        object.__setattr__(self, "methods", parse_methods(self.methods))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} must be non-empty and distinct")
+        if any(
+            isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 for seed in self.seeds
+        ):
+            raise ValueError(f"seeds={self.seeds} must be integers >= 0")
+        for name in ("iterations", "eval_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.batch_size is not None:
+            if not isinstance(self.batch_size, int) or self.batch_size < 1:
+                raise ValueError(
+                    f"batch_size={self.batch_size!r} must be a positive integer or None (full "
+                    f"batch)"
+                )
+            if self.batch_size > self.preset.num_samples:
+                raise ValueError(
+                    f"batch_size={self.batch_size} exceeds N={self.preset.num_samples}; use "
+                    f"batch_size=None (or 0 on the command line) for full batches"
+                )
+        if self.schedule not in ("none", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r} is not supported; use 'none' or 'cosine'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+
+    @property
+    def full_batch(self) -> bool:
+        """Whether every step uses all N features."""
+        return self.batch_size is None or self.batch_size == self.preset.num_samples
+
+    @property
+    def resolved_running_mean_momentum(self) -> float:
+        """The ETF heads' running-mean momentum actually used."""
+        if self.running_mean_momentum is not None:
+            return self.running_mean_momentum
+        return 1.0 if self.full_batch else 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (preset expanded)."""
+        data = dataclasses.asdict(self)
+        data["methods"] = list(self.methods)
+        data["seeds"] = list(self.seeds)
+        data["resolved_running_mean_momentum"] = self.resolved_running_mean_momentum
+        return data
+
+    def run_dict(self, method: str, seed: int) -> dict[str, Any]:
+        """The configuration of one run: everything that changes its metrics.csv."""
+        data = self.to_dict()
+        del data["methods"], data["seeds"]
+        data.update(method=method, seed=seed)
+        return data

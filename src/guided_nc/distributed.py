@@ -13,7 +13,6 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
     "barrier",
-    "broadcast_",
     "destroy_process_group",
     "init_from_environment",
     "is_distributed",
@@ -82,13 +81,6 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     return _AllReduceSum.apply(tensor)
-
-
-def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Broadcast ``tensor`` from rank ``src`` to every rank, in place (no-op without a group)."""
-    if is_distributed():
-        dist.broadcast(tensor, src=src)
-    return tensor
 
 
 def barrier() -> None:

@@ -64,7 +64,10 @@ METHOD_VARIANTS: dict[str, Method] = {
         Method("fixed-haar", "fixed", "Fixed ETF (Haar)", "C4", (("rotation", "haar"),)),
         Method("implicit", "implicit", "Implicit ETF", "C2"),
         Method(
-            "implicit-no-ddn", "implicit", "Implicit ETF, no DDN gradient", "C3",
+            "implicit-no-ddn",
+            "implicit",
+            "Implicit ETF, no DDN gradient",
+            "C3",
             (("ddn_grad", False),),
         ),
     )

@@ -238,7 +238,7 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-SCHEDULERS = ("none", "cosine", "step")
+SCHEDULES = ("none", "cosine", "step")
 
 
 def build_scheduler(
@@ -256,8 +256,8 @@ def build_scheduler(
 
     For :class:`AGD` the schedule scales the gain (through the group's ``lr`` multiplier).
     """
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler name={name!r} is not supported; use one of {SCHEDULERS}")
+    if name not in SCHEDULES:
+        raise ValueError(f"scheduler name={name!r} is not supported; use one of {SCHEDULES}")
     schedulers = torch.optim.lr_scheduler
     if name == "none":
         return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)

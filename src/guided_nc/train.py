@@ -1,10 +1,10 @@
-"""Real-network training: ``fit(config)`` and the ``guided-nc train`` command.
+"""Real-network training: ``fit(config)``, one loop readable in a sitting.
 
-One function, :func:`fit`, runs a whole experiment in the order it is read: setup, data, model
+:func:`fit` runs a whole experiment in the order it is read: the run folder, setup, data, model
 and head, optimiser, resume, the epoch loop (train, evaluate at chosen epochs, checkpoint) and
-teardown. Under ``torchrun`` (``WORLD_SIZE > 1``) the same function trains with
-DistributedDataParallel: every global batch is split across ranks, the heads and metrics sum their
-statistics over ranks, and only rank 0 writes files.
+teardown; each stage is a small named function below it. Under ``torchrun`` (``WORLD_SIZE >
+1``) the same function trains with DistributedDataParallel: every global batch is split across
+ranks, the heads and metrics sum their statistics over ranks, and only rank 0 writes files.
 
 Run folder (``config.out``)::
 
@@ -13,65 +13,37 @@ Run folder (``config.out``)::
     summary.json     time per step, peak memory, epochs run (machine-dependent numbers)
     tensorboard/     SummaryWriter event files
     checkpoint.pt    model, head, optimiser, scheduler, sampler and RNG state (each epoch)
-    done             written last; ``compare`` skips runs that have it
+    done             written last (JSON); ``compare`` skips runs that have it
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import resource
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from guided_nc import distributed
 from guided_nc.checkpoint import (
-    atomic_write_text,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from guided_nc.config import TrainConfig, add_config_arguments
-from guided_nc.heads import renormalize_heads_
-from guided_nc.report import write_long_csv
+from guided_nc.config import TrainConfig
+from guided_nc.progress import LOGGER, Progress
+from guided_nc.runfiles import DONE_NAME, atomic_write_json, mark_done, write_long_csv
+from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
+from guided_nc.timing import build_optimizer_for, training_step
 
-__all__ = [
-    "Classifier",
-    "build_head_for",
-    "fit",
-    "peak_memory_mb",
-    "register_cli",
-    "training_step",
-]
+__all__ = ["build_backbone_for", "build_head_for", "evaluate", "fit"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-DONE_NAME = "done"
-
-
-class Classifier(nn.Module):
-    """Backbone and head as one module, so DDP synchronises the learnable head's gradient too.
-
-    ``forward(inputs, labels=None) -> logits`` of shape (B, K); the implicit head needs the labels
-    in training (class means of the batch), every head ignores them in evaluation.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.backbone(inputs), labels)
 
 
 def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.Module:
@@ -107,35 +79,6 @@ def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> 
     return build_head(config.method, num_features, num_classes, **options)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MiB: CUDA max allocated on GPU, else the process's max resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux and bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but CUDA is not available; use --device cpu")
-        # torchrun sets LOCAL_RANK; one GPU per process.
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    """Seed the global generators (model init, augmentation); samplers own their generators."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (third-party code may use it)
-    torch.manual_seed(seed)
-
-
 class _OnDevice:
     """Re-iterable view of a loader that moves labels to ``device`` (metrics take two passes)."""
 
@@ -147,28 +90,302 @@ class _OnDevice:
             yield inputs, labels.to(self.device)
 
 
-def training_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-) -> torch.Tensor:
-    """One step: forward, cross-entropy, backward, optimiser, schedule, head re-normalisation.
+@dataclass
+class _Data:
+    """What the loop needs of the data: the splits, the sampler and the loaders."""
 
-    ``model`` maps ``(inputs, labels)`` to logits (B, K) (a :class:`Classifier`, possibly wrapped
-    in DDP). Under DDP each rank's loss is its shard's mean and DDP averages the gradients over
-    equal shards, which is the gradient of the global batch's mean loss. Returns the detached
-    loss (0-dim).
+    splits: Any  # guided_nc.data.DataSplits
+    sampler: Any  # guided_nc.sampler.StratifiedBatchSampler
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+
+
+def fit(config: TrainConfig) -> Path:
+    """Train ``config.model`` with the ``config.method`` head; return the run folder.
+
+    Writes ``config.json``, ``metrics.csv`` (one row per epoch of
+    :meth:`TrainConfig.eval_epoch_set`), ``summary.json``, TensorBoard events, ``checkpoint.pt``
+    after each epoch, and ``done`` last. With ``config.resume`` it continues from the
+    checkpoint and produces the same numbers as an uninterrupted run (same device, threads and
+    number of processes). Resuming a finished run with a larger ``epochs`` (``schedule="none"``
+    only) trains it further, exactly as if it had been that long from the start.
     """
-    logits = model(inputs, labels)
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()  # per-step schedules (constant with --schedule none)
-    renormalize_heads_(model)  # standard head: unit-norm rows after every step (method.md 1)
-    return loss.detach()
+    out = Path(config.out)
+    extending = _check_run_folder(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    created_group = distributed.init_from_environment(device.type)
+    writer = None
+    try:
+        world_size, rank = distributed.world_size(), distributed.rank()
+        is_main = distributed.is_main_process()
+        if config.batch_size % world_size:
+            raise ValueError(
+                f"batch_size={config.batch_size} is not divisible by the {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        seed_everything(config.seed)
+        data = _build_data(config, rank, world_size)
+        model, train_model = _build_model(config, data.splits, device, world_size)
+        optimizer, scheduler = _build_optimizer(config, model, len(data.train_loader))
+
+        start_epoch, rows, timings = 0, [], []
+        if config.resume and (out / CHECKPOINT_NAME).exists():
+            start_epoch, rows, timings = _restore(
+                out / CHECKPOINT_NAME, model, optimizer, scheduler, data, world_size, rank
+            )
+        if is_main:
+            writer = _open_run_folder(config, start_epoch, extending)
+        steps_per_epoch = len(data.train_loader)
+        _announce(config, model, data, device, world_size, start_epoch, steps_per_epoch)
+
+        started = time.perf_counter()
+        eval_epochs = set(config.eval_epoch_set())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        progress = Progress(
+            config.epochs * steps_per_epoch,
+            f"{config.method} seed {config.seed}",
+            enabled=config.progress and is_main,
+            initial=start_epoch * steps_per_epoch,
+        )
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            data.sampler.set_epoch(epoch)
+            loss, accuracy, step_times = _train_epoch(
+                train_model, optimizer, scheduler, data.train_loader, device, progress
+            )
+            timings.append(_epoch_timing(epoch, step_times, device))
+            if epoch in eval_epochs:
+                rows.append(_evaluate_epoch(config, model, data, device, epoch, loss))
+                if is_main:
+                    write_long_csv(out / "metrics.csv", rows)  # rewritten whole
+                    _log_scalars(writer, rows[-1], epoch)
+            if is_main:
+                writer.add_scalar("train/loss_epoch", loss, epoch)
+                writer.add_scalar("train/acc1_epoch", accuracy, epoch)
+                writer.add_scalar("time/step_s", timings[-1]["time_per_step_s"], epoch)
+            progress.log(f"epoch {epoch}/{config.epochs}", loss=loss, acc=accuracy)
+            state = (model, optimizer, scheduler, data, epoch, rows, timings)
+            _checkpoint(out / CHECKPOINT_NAME, config, *state)
+        progress.close()
+
+        if is_main:
+            atomic_write_json(out / "summary.json", _summary(config, timings, device, data))
+            mark_done(out, config.to_dict(), time.perf_counter() - started)  # last
+        distributed.barrier()
+        return out
+    finally:
+        if writer is not None:
+            writer.close()
+        if created_group:
+            distributed.destroy_process_group()
+
+
+# --- the stages of fit, in the order fit calls them ----------------------------------------------
+
+
+def _check_run_folder(config: TrainConfig) -> bool:
+    """Refuse to overwrite a run, or to resume one with different numbers; True if the run is
+    being extended (a finished run resumed with a larger ``epochs``)."""
+    out = Path(config.out)
+    if not config.resume and ((out / CHECKPOINT_NAME).exists() or (out / DONE_NAME).exists()):
+        raise ValueError(
+            f"out={config.out!r} already holds a run (checkpoint or done marker); pass --resume "
+            "to continue it or choose another --out"
+        )
+    if not (config.resume and (out / "config.json").exists()):
+        return False
+    saved = TrainConfig.load(out / "config.json")
+    changed = config.resume_mismatches(saved)
+    if changed:
+        raise ValueError(
+            f"--resume with a different configuration: {changed} differ from "
+            f"{out / 'config.json'}; resume with the saved values (--epochs may only grow, "
+            "and only with --schedule none) or choose another --out"
+        )
+    return config.extends(saved)
+
+
+def _build_data(config: TrainConfig, rank: int, world_size: int) -> _Data:
+    """Datasets, the stratified sampler (the same global batches for every method at a seed;
+    each rank takes a strided slice) and the loaders (evaluation: whole splits, sharded)."""
+    from guided_nc.data import build_datasets, build_loader
+    from guided_nc.sampler import StratifiedBatchSampler
+
+    splits = build_datasets(
+        config.dataset,
+        root=config.data_root,
+        download=config.download,
+        augment=config.augment,
+        long_tail=config.long_tail,
+        imbalance_factor=config.imbalance_factor,
+        label_noise=config.label_noise,
+        seed=config.seed,
+        augmentation_seed=config.seed * 1000 + rank,  # each rank augments from its own stream
+    )
+    sampler = StratifiedBatchSampler(
+        splits.train_labels, config.batch_size, config.seed, world_size, rank
+    )
+    eval_loaders = {
+        split: build_loader(
+            dataset, batch_size=config.batch_size, sampler=range(rank, len(dataset), world_size)
+        )
+        for split, dataset in (("train", splits.train_eval), ("test", splits.test))
+    }
+    return _Data(splits, sampler, build_loader(splits.train, batch_sampler=sampler), eval_loaders)
+
+
+def _build_model(
+    config: TrainConfig, splits, device: torch.device, world_size: int
+) -> tuple[nn.Module, nn.Module]:
+    """Backbone and head as one :class:`guided_nc.models.Classifier` (AGD's orthogonal init from
+    a seeded generator), on ``device``; and the module to train (DDP-wrapped with >1 process)."""
+    from guided_nc.models import Classifier, check_no_one_dimensional_parameters
+    from guided_nc.optim import orthogonal_init_
+
+    backbone = build_backbone_for(config, splits.input_shape)
+    if config.method != "standard" and backbone.num_features < splits.num_classes:
+        raise ValueError(
+            f"method={config.method!r} needs feature dimension d >= number of classes K "
+            f"(a simplex ETF lives in a K-dimensional subspace of R^d), but "
+            f"model={config.model!r} has d={backbone.num_features} < K={splits.num_classes}; "
+            "use a wider backbone (e.g. --width) or --method standard"
+        )
+    model = Classifier(backbone, build_head_for(config, backbone.num_features, splits.num_classes))
+    if config.optimizer == "agd":
+        check_no_one_dimensional_parameters(model, "AGD")
+        orthogonal_init_(model.backbone, torch.Generator().manual_seed(config.seed))
+    model.to(device)
+    if world_size == 1:
+        return model, model
+    if device.type == "cuda":  # global-batch statistics, as in one process
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, nn.parallel.DistributedDataParallel(model)
+
+
+def _build_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """The optimiser over the trainable parameters and its per-step schedule."""
+    from guided_nc.optim import build_scheduler
+
+    optimizer = build_optimizer_for(config, model)
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = build_scheduler(
+        optimizer,
+        config.schedule,
+        total_steps=total_steps,
+        step_size=max(1, total_steps // 5),  # "step": x0.1 every 20 % (release: 40 of 200)
+    )
+    return optimizer, scheduler
+
+
+def _restore(path: Path, model, optimizer, scheduler, data: _Data, world_size: int, rank: int):
+    """Load every state of the checkpoint; returns (epoch, metrics rows, timings)."""
+    distributed.barrier()
+    state = load_checkpoint(path, map_location="cpu")
+    if len(state["rank_states"]) != world_size:
+        raise ValueError(
+            f"the checkpoint was written by {len(state['rank_states'])} processes but "
+            f"this run has {world_size}; resume with the same number of processes"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    data.sampler.load_state_dict(state["sampler"])
+    restore_rng_state(state["rng"])
+    torch.set_rng_state(state["rank_states"][rank]["torch"])
+    if hasattr(data.splits.train, "load_state_dict"):  # in-memory datasets own their stream
+        data.splits.train.load_state_dict({"generator": state["rank_states"][rank]["data"]})
+    return state["epoch"], state["rows"], state["timings"]
+
+
+def _open_run_folder(config: TrainConfig, start_epoch: int, extending: bool):
+    """Rank 0: create the folder, write config.json, open TensorBoard; returns the writer."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if extending:  # the run is unfinished again until its new last epoch
+        (out / DONE_NAME).unlink(missing_ok=True)
+    config.save(out / "config.json")
+    return SummaryWriter(out / "tensorboard", purge_step=start_epoch + 1)
+
+
+def _announce(config, model, data: _Data, device, world_size, start_epoch, steps_per_epoch):
+    """Rank 0 logs the resolved configuration and the numbers derived from it (nanoGPT does)."""
+    if not distributed.is_main_process():
+        return
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    settings = ", ".join(f"{key}={value}" for key, value in config.to_dict().items())
+    verb = "resuming" if start_epoch else "starting"
+    LOGGER.info("%s run %s: %s", verb, config.out, settings)
+    LOGGER.info(
+        "derived: K=%d, d=%d, %d training samples, %d steps/epoch x %d epochs, batch %d (%d "
+        "per process x %d), %s trainable parameters, device %s, %d threads, from epoch %d",
+        data.splits.num_classes,
+        model.backbone.num_features,
+        len(data.splits.train_labels),
+        steps_per_epoch,
+        config.epochs,
+        config.batch_size,
+        config.batch_size // world_size,
+        world_size,
+        f"{parameters:,}",
+        device,
+        torch.get_num_threads(),
+        start_epoch + 1,
+    )
+
+
+def _train_epoch(train_model, optimizer, scheduler, loader, device, progress: Progress):
+    """One epoch of :func:`guided_nc.timing.training_step`; returns (mean loss, train top-1 %,
+    per-step seconds), the first two over the global batch (all ranks)."""
+    train_model.train()
+    # Sums stay on the device (no host read per step); one all-reduce and one read per epoch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    step_times = []
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        loss, correct = training_step(train_model, optimizer, inputs, labels, scheduler=scheduler)
+        synchronize(device)
+        step_times.append(time.perf_counter() - start)
+        loss_sum += loss.double() * labels.numel()
+        correct_sum += correct
+        count += labels.numel()
+        progress.update()
+    totals = torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(float(count))])
+    total_loss, total_correct, total = distributed.all_reduce_sum(totals).tolist()
+    return total_loss / total, 100.0 * total_correct / total, step_times
+
+
+def _epoch_timing(epoch: int, step_times: list[float], device: torch.device) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "time_per_step_s": statistics.median(step_times),
+        "epoch_time_s": sum(step_times),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def _evaluate_epoch(config, model, data: _Data, device, epoch: int, train_loss: float) -> dict:
+    """The metrics.csv row of an evaluated epoch.
+
+    Evaluation may draw random numbers (data-loader seeds), so it runs on a forked RNG: which
+    epochs are evaluated never changes the training that follows.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics = evaluate(model, data.eval_loaders, data.splits.num_classes, device)
+    return {"epoch": epoch, "train_loss": train_loss, **metrics}
+
+
+def _log_scalars(writer, row: dict[str, Any], epoch: int) -> None:
+    for key, value in row.items():
+        if key != "epoch" and math.isfinite(value):
+            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
 
 
 def _gather_rank_states(state: torch.Tensor) -> list[torch.Tensor]:
@@ -188,288 +405,71 @@ def _augmentation_state(dataset) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
 
-def fit(config: TrainConfig) -> Path:
-    """Train ``config.model`` with the ``config.method`` head; return the run folder.
-
-    Writes ``config.json``, ``metrics.csv`` (one row per epoch of
-    :meth:`TrainConfig.eval_epoch_set`), ``summary.json``, TensorBoard events, ``checkpoint.pt``
-    after each epoch, and ``done`` last. With ``config.resume`` it continues from the
-    checkpoint and produces the same numbers as an uninterrupted run (same device, threads and
-    number of processes). Resuming a finished run with a larger ``epochs`` (``schedule="none"``
-    only) trains it further, exactly as if it had been that long from the start.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
-
-    from guided_nc.data import build_datasets, build_loader
-    from guided_nc.models import check_no_one_dimensional_parameters
-    from guided_nc.optim import build_optimizer, build_scheduler, orthogonal_init_
-    from guided_nc.sampler import StratifiedBatchSampler
-
-    # ---------------------------------------------------------------- setup
-    out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT_NAME
-    if not config.resume and (checkpoint_path.exists() or (out / DONE_NAME).exists()):
-        raise ValueError(
-            f"out={config.out!r} already holds a run (checkpoint or done marker); pass --resume "
-            "to continue it or choose another --out"
+def _checkpoint(path, config, model, optimizer, scheduler, data: _Data, epoch, rows, timings):
+    """Save everything a resumed run needs. Per-rank states (global RNG, augmentation stream)
+    are gathered to rank 0; the barriers keep every rank from running ahead of a half-written
+    file."""
+    rank_states = zip(
+        _gather_rank_states(torch.get_rng_state()),
+        _gather_rank_states(_augmentation_state(data.splits.train)),
+        strict=True,
+    )
+    distributed.barrier()
+    if distributed.is_main_process():
+        save_checkpoint(
+            path,
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": data.sampler.state_dict(),
+                "rng": capture_rng_state(),
+                "rank_states": [{"torch": t, "data": d} for t, d in rank_states],
+                "rows": rows,
+                "timings": timings,
+                "config": config.to_dict(),
+            },
         )
-    extending = False
-    if config.resume and (out / "config.json").exists():
-        saved = TrainConfig.load(out / "config.json")
-        changed = config.resume_mismatches(saved)
-        if changed:
-            raise ValueError(
-                f"--resume with a different configuration: {changed} differ from "
-                f"{out / 'config.json'}; resume with the saved values (--epochs may only grow, "
-                "and only with --schedule none) or choose another --out"
-            )
-        extending = config.extends(saved)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = _resolve_device(config.device)
-    created_group = distributed.init_from_environment(device.type)
-    writer = None
-    try:
-        world_size, rank = distributed.world_size(), distributed.rank()
-        is_main = distributed.is_main_process()
-        if config.batch_size % world_size:
-            raise ValueError(
-                f"batch_size={config.batch_size} is not divisible by the {world_size} processes; "
-                f"use a multiple of {world_size}"
-            )
-        _seed_everything(config.seed)
+    distributed.barrier()
 
-        # ------------------------------------------------------------ data
-        # Each rank augments its own shard, from its own stream (seed, rank).
-        data = build_datasets(
-            config.dataset,
-            root=config.data_root,
-            download=config.download,
-            augment=config.augment,
-            long_tail=config.long_tail,
-            imbalance_factor=config.imbalance_factor,
-            label_noise=config.label_noise,
-            seed=config.seed,
-            augmentation_seed=config.seed * 1000 + rank,
-        )
-        num_classes = data.num_classes
-        # The same global batches for every method at a seed; each rank takes a strided slice.
-        sampler = StratifiedBatchSampler(
-            data.train_labels, config.batch_size, config.seed, world_size, rank
-        )
-        train_loader = build_loader(data.train, batch_sampler=sampler)
-        eval_loaders = {  # whole splits, no augmentation, sharded over ranks
-            split: build_loader(
-                dataset,
-                batch_size=config.batch_size,
-                sampler=range(rank, len(dataset), world_size),
-            )
-            for split, dataset in (("train", data.train_eval), ("test", data.test))
-        }
 
-        # ------------------------------------------------------------ model and head
-        backbone = build_backbone_for(config, data.input_shape)
-        if config.method != "standard" and backbone.num_features < num_classes:
-            raise ValueError(
-                f"method={config.method!r} needs feature dimension d >= number of classes K "
-                f"(a simplex ETF lives in a K-dimensional subspace of R^d), but "
-                f"model={config.model!r} has d={backbone.num_features} < K={num_classes}; use a "
-                "wider backbone (e.g. --width) or --method standard"
-            )
-        head = build_head_for(config, backbone.num_features, num_classes)
-        model = Classifier(backbone, head)
-        if config.optimizer == "agd":
-            check_no_one_dimensional_parameters(model, "AGD")
-            # AGD's own initialisation (method.md section 4), from a seeded generator.
-            orthogonal_init_(model.backbone, torch.Generator().manual_seed(config.seed))
-        model.to(device)
-        train_model: nn.Module = model
-        if world_size > 1:
-            if device.type == "cuda":  # global-batch statistics, as in one process
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            train_model = nn.parallel.DistributedDataParallel(model)
-
-        # ------------------------------------------------------------ optimiser
-        optimizer = build_optimizer(
-            config.optimizer,
-            [p for p in model.parameters() if p.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            momentum=config.momentum,
-            gain=config.gain,
-        )
-        steps_per_epoch = len(train_loader)
-        total_steps = config.epochs * steps_per_epoch
-        scheduler = build_scheduler(
-            optimizer,
-            config.schedule,
-            total_steps=total_steps,
-            step_size=max(1, total_steps // 5),  # "step": x0.1 every 20 % (release: 40 of 200)
-        )
-
-        # ------------------------------------------------------------ resume
-        start_epoch, rows, timings = 0, [], []
-        if config.resume and checkpoint_path.exists():
-            distributed.barrier()
-            state = load_checkpoint(checkpoint_path, map_location="cpu")
-            if len(state["rank_states"]) != world_size:
-                raise ValueError(
-                    f"the checkpoint was written by {len(state['rank_states'])} processes but "
-                    f"this run has {world_size}; resume with the same number of processes"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            restore_rng_state(state["rng"])
-            torch.set_rng_state(state["rank_states"][rank]["torch"])
-            if hasattr(data.train, "load_state_dict"):  # in-memory datasets own their stream
-                data.train.load_state_dict({"generator": state["rank_states"][rank]["data"]})
-            start_epoch, rows, timings = state["epoch"], state["rows"], state["timings"]
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if extending:  # the run is unfinished again until its new last epoch
-                (out / DONE_NAME).unlink(missing_ok=True)
-            config.save(out / "config.json")
-            writer = SummaryWriter(out / "tensorboard", purge_step=start_epoch + 1)
-
-        # ------------------------------------------------------------ loop
-        eval_epochs = set(config.eval_epoch_set())
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        progress = tqdm(
-            total=total_steps,
-            initial=start_epoch * steps_per_epoch,
-            disable=not (config.progress and is_main and sys.stderr.isatty()),
-            desc=f"{config.method} seed {config.seed}",
-            unit="step",
-        )
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            sampler.set_epoch(epoch)
-            train_model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            step_times = []
-            for inputs, labels in train_loader:
-                inputs, labels = inputs.to(device), labels.to(device)
-                _synchronize(device)
-                start = time.perf_counter()
-                loss = training_step(train_model, optimizer, scheduler, inputs, labels)
-                _synchronize(device)
-                step_times.append(time.perf_counter() - start)
-                loss_sum += loss.double().cpu() * labels.numel()
-                progress.update()
-            train_loss = distributed.all_reduce_sum(loss_sum).item() / (
-                steps_per_epoch * config.batch_size
-            )
-            timings.append(
-                {
-                    "epoch": epoch,
-                    "time_per_step_s": statistics.median(step_times),
-                    "epoch_time_s": sum(step_times),
-                    "peak_memory_mb": peak_memory_mb(device),
-                }
-            )
-
-            if epoch in eval_epochs:
-                # Evaluation may draw random numbers (data-loader seeds), so it runs on a forked
-                # RNG: which epochs are evaluated never changes the training that follows.
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    row = {
-                        "epoch": epoch,
-                        "train_loss": train_loss,
-                        **evaluate(model, eval_loaders, num_classes, config.temperature, device),
-                    }
-                rows.append(row)
-                if is_main:
-                    # Rewritten whole each time; the rows also live in the checkpoint.
-                    write_long_csv(out / "metrics.csv", rows)
-                    for key, value in row.items():
-                        if key != "epoch" and math.isfinite(value):
-                            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-            if is_main:
-                writer.add_scalar("train/loss_epoch", train_loss, epoch)
-                writer.add_scalar("time/step_s", timings[-1]["time_per_step_s"], epoch)
-
-            # Checkpoint. Per-rank states (global RNG, augmentation stream) are gathered to
-            # rank 0; the barriers keep every rank from running ahead of a half-written file.
-            rank_states = zip(
-                _gather_rank_states(torch.get_rng_state()),
-                _gather_rank_states(_augmentation_state(data.train)),
-                strict=True,
-            )
-            distributed.barrier()
-            if is_main:
-                save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "sampler": sampler.state_dict(),
-                        "rng": capture_rng_state(),
-                        "rank_states": [{"torch": t, "data": d} for t, d in rank_states],
-                        "rows": rows,
-                        "timings": timings,
-                        "config": config.to_dict(),
-                    },
-                )
-            distributed.barrier()
-        progress.close()
-
-        # ------------------------------------------------------------ teardown
-        if is_main:
-            times = [t["time_per_step_s"] for t in timings]
-            summary = {
-                "epochs": config.epochs,
-                "world_size": world_size,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "steps_per_epoch": steps_per_epoch,
-                "time_per_step_s": statistics.median(times) if times else None,
-                "peak_memory_mb": max((t["peak_memory_mb"] for t in timings), default=None),
-                "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "max_rss",
-                "per_epoch": timings,
-            }
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            atomic_write_text(out / DONE_NAME, "done\n")  # last: the run is complete
-        distributed.barrier()
-        return out
-    finally:
-        if writer is not None:
-            writer.close()
-        if created_group:
-            distributed.destroy_process_group()
+def _summary(config, timings, device, data: _Data) -> dict[str, Any]:
+    times = [t["time_per_step_s"] for t in timings]
+    return {
+        "epochs": config.epochs,
+        "world_size": distributed.world_size(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps_per_epoch": len(data.train_loader),
+        "time_per_step_s": statistics.median(times) if times else None,
+        "peak_memory_mb": max((t["peak_memory_mb"] for t in timings), default=None),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "max_rss",
+        "per_epoch": timings,
+    }
 
 
 def evaluate(
-    model: Classifier,
-    loaders: dict[str, Any],
-    num_classes: int,
-    temperature: float,
-    device: torch.device,
+    model: nn.Module, loaders: dict[str, Any], num_classes: int, device: torch.device
 ) -> dict[str, float]:
     """Accuracy and NC metrics of ``model`` in eval mode on each loader's whole split.
 
     Args:
-        model: backbone plus head; left in eval mode.
+        model: a :class:`guided_nc.models.Classifier`; left in eval mode. The metrics see the
+            features its head classifies (``head.normalize``).
         loaders: ``{split: loader of (inputs, labels)}``, un-augmented.
         num_classes: K.
-        temperature: the head's feature norm tau (metrics see the features the head sees).
         device: where the model runs.
 
     Returns:
         ``{f"{split}_{key}": value}`` over :data:`guided_nc.metrics.METRIC_KEYS` (float64 sums).
     """
-    from guided_nc.heads import normalize_features
     from guided_nc.metrics import collect_metrics
 
     model.eval()
 
     def features_and_logits(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = model.backbone(inputs.to(device))
-        return normalize_features(features, temperature), model.head(features)
+        return model.features_and_logits(inputs.to(device))
 
     row: dict[str, float] = {}
     for split, loader in loaders.items():
@@ -483,27 +483,3 @@ def evaluate(
         )
         row.update({f"{split}_{key}": value for key, value in metrics.items()})
     return row
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def register_cli(subparsers) -> None:
-    """Add ``guided-nc train``: every :class:`TrainConfig` field is a flag."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train a real network with a standard, fixed-ETF or implicit-ETF head",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_config_arguments(parser)
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    config = TrainConfig.from_namespace(args)
-    out = fit(config)
-    if os.environ.get("RANK", "0") == "0":  # fit has left the process group by now
-        print(f"run folder: {out}")
-    return 0

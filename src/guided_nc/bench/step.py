@@ -24,21 +24,20 @@ between heads.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HEADS", "SETTINGS", "add_arguments", "measure_steps", "run"]
+from guided_nc.methods import TIMED_METHODS
+from guided_nc.runfiles import environment_info
+from guided_nc.timing import measure_heads
 
-HEADS = ("standard", "fixed", "implicit", "implicit-no-ddn")
+__all__ = ["HEADS", "SETTINGS", "add_arguments", "run"]
+
+HEADS = TIMED_METHODS
 SETTINGS = {
     # name: (backbone, image shape, d, K)
     "resnet18-cifar": ("resnet18", (3, 32, 32), 512, 10),
@@ -83,127 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
 
 
-class _FreeFeatures(nn.Module):
-    """A batch of features trained as parameters (head-only timing); input is ignored."""
-
-    def __init__(self, batch_size: int, num_features: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.features = nn.Parameter(torch.randn(batch_size, num_features, generator=generator))
-        self.num_features = num_features
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.features
-
-
-def _saved_tensor_bytes(step) -> tuple[Any, int]:
-    """Run ``step()`` and count the bytes of unique storages autograd saves for backward."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = step()
-    return result, sum(seen.values())
-
-
-def measure_steps(
-    backbone: nn.Module,
-    num_classes: int,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    heads: tuple[str, ...] = HEADS,
-    repeats: int = 5,
-    warmup: int = 1,
-    optimizer_name: str = "agd",
-    temperature: float = 5.0,
-) -> dict[str, dict[str, float]]:
-    """Time ``repeats`` training steps of each head (interleaved) on the same inputs.
-
-    Args:
-        backbone: module mapping ``inputs`` to features (B, d); copied once per head.
-        num_classes: K.
-        inputs: a batch (B, ...) on the target device; labels (B,) int64.
-        heads: subset of :data:`HEADS`.
-
-    Returns:
-        ``{head: {"time_per_step_s", "time_min_s", "time_max_s", "peak_memory_mb",
-        "memory_kind", "overhead_percent"}}``; overhead is relative to ``standard`` when timed.
-    """
-    from guided_nc.heads import build_head
-    from guided_nc.optim import build_optimizer
-
-    unknown = sorted(set(heads) - set(HEADS))
-    if unknown:
-        raise ValueError(f"heads={unknown} unknown; choose from {list(HEADS)}")
-    device = inputs.device
-    num_features = backbone.num_features
-    runs = {}
-    for name in heads:
-        method = "implicit" if name.startswith("implicit") else name
-        head = build_head(
-            method,
-            num_features,
-            num_classes,
-            temperature=temperature,
-            **({"ddn_grad": name == "implicit"} if method == "implicit" else {}),
-        )
-        body = copy.deepcopy(backbone)
-        parameters = [p for m in (body, head) for p in m.parameters() if p.requires_grad]
-        optimizer = build_optimizer(optimizer_name, parameters, lr=0.01, weight_decay=0.0)
-        runs[name] = (body.to(device), head.to(device), optimizer)
-
-    def step(body, head, optimizer) -> None:
-        loss = F.cross_entropy(head(body(inputs), labels), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if hasattr(head, "renormalize_"):
-            head.renormalize_()
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {name: [] for name in heads}
-    memory: dict[str, float] = {name: 0.0 for name in heads}
-    for index in range(warmup + repeats):
-        for name, (body, head, optimizer) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            synchronize()
-            start = time.perf_counter()
-            if device.type == "cuda":
-                step(body, head, optimizer)
-            else:
-                _, saved = _saved_tensor_bytes(lambda b=body, h=head, o=optimizer: step(b, h, o))
-                memory[name] = max(memory[name], saved / 2**20)
-            synchronize()
-            elapsed = time.perf_counter() - start
-            if device.type == "cuda":
-                memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device) / 2**20)
-            if index >= warmup:
-                times[name].append(elapsed)
-    results = {}
-    for name in heads:
-        results[name] = {
-            "time_per_step_s": statistics.median(times[name]),
-            "time_min_s": min(times[name]),
-            "time_max_s": max(times[name]),
-            "peak_memory_mb": memory[name],
-            "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "saved_for_backward",
-        }
-    if "standard" in results:
-        base = results["standard"]["time_per_step_s"]
-        for name in heads:
-            results[name]["overhead_percent"] = 100.0 * (
-                results[name]["time_per_step_s"] / base - 1.0
-            )
-    return results
-
-
 def _build_setting(
     setting: str, batch_size: int, with_backbone: bool, device: torch.device, seed: int
 ) -> tuple[nn.Module, int, torch.Tensor, torch.Tensor]:
@@ -220,8 +98,11 @@ def _build_setting(
         )
         inputs = torch.randn(batch_size, *shape, generator=generator)
     else:
-        backbone = _FreeFeatures(batch_size, num_features, generator)
-        inputs = torch.zeros(batch_size, 1)
+        from guided_nc.models import FreeFeatures
+
+        # A batch of features trained as parameters; the "inputs" are its sample indices.
+        backbone = FreeFeatures(torch.randn(batch_size, num_features, generator=generator))
+        inputs = torch.arange(batch_size)
     if backbone.num_features != num_features:
         raise RuntimeError(f"{name} has d={backbone.num_features}, expected {num_features}")
     return backbone.to(device), num_classes, inputs.to(device), labels.to(device)
@@ -243,13 +124,7 @@ def run(args: argparse.Namespace) -> int:
     heads = tuple(h for h in args.heads.split(",") if h)
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     report: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": {**environment_info(), "device": str(device)},
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "optimizer": args.optimizer,
@@ -262,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
         backbone, num_classes, inputs, labels = _build_setting(
             setting, args.batch_size, with_backbone, device, args.seed
         )
-        results = measure_steps(
+        results = measure_heads(
             backbone,
             num_classes,
             inputs,
             labels,
-            heads=heads,
+            methods=heads,
             repeats=args.repeats,
             warmup=args.warmup,
             optimizer_name=args.optimizer,
@@ -282,14 +157,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: head, median time per step [min, max], overhead, peak memory."""
+    """Markdown table: head, median time per step [min, max], ratio to standard, peak memory."""
     lines = [
-        "| head | time per step (s), median [min, max] | vs standard | memory (MiB) |",
+        "| head | time per step (s), median [min, max] | / standard | memory (MiB) |",
         "|---|---|---|---|",
     ]
     for name, r in results.items():
-        overhead = r.get("overhead_percent")
-        shown = "-" if overhead is None else f"{overhead:+.1f} %"
+        ratio = r.get("ratio")
+        shown = "-" if ratio is None else f"{ratio:.2f}x ({r['overhead_percent']:+.1f} %)"
         lines.append(
             f"| {name} | {r['time_per_step_s']:.4f} [{r['time_min_s']:.4f}, "
             f"{r['time_max_s']:.4f}] | {shown} | {r['peak_memory_mb']:.1f} ({r['memory_kind']}) |"

@@ -135,10 +135,6 @@ class BatchTransform:
         offset = (mean / std).to(torch.float32).to(batch.device).view(shape)
         return batch.mul_(factor).sub_(offset)
 
-    def without_augmentation(self) -> BatchTransform:
-        """The same scaling and normalisation, without the random steps (for evaluation)."""
-        return BatchTransform(self.mean, self.std, self.scale)
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(mean={self.mean}, std={self.std}, scale={self.scale}, "

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from guided_nc.models.classifier import Classifier, FreeFeatures
 from guided_nc.models.common import (
     one_dimensional_parameters,
     remove_biases,
@@ -25,6 +26,8 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "RESNET_FEATURES",
+    "Classifier",
+    "FreeFeatures",
     "SmallCNN",
     "VGGFeatures",
     "build_backbone",

@@ -1,0 +1,226 @@
+"""The comparison report: Table 1/2 and Table 3 layouts and figures, from run folders only.
+
+Reads what ``guided-nc compare`` writes under ``--out`` (``runs/<method>/seed<k>/{config.json,
+metrics.csv, summary.json, done}`` and ``timing.json``); never trains. Writes::
+
+    tables.md, tables.tex    top-1 median [range] (Tables 1-2) and cost per step (Table 3);
+                             tables.tex needs \\usepackage{booktabs}
+    figures/*.png            accuracy and NC metrics over epochs (median line, min-max band)
+    report.md                everything above in one page
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from guided_nc.methods import METHOD_VARIANTS, method_label
+from guided_nc.reports.figures import plot_median_bands, save_figure, series_from_rows
+from guided_nc.reports.tables import format_median_range, latex_table, markdown_table
+from guided_nc.runfiles import atomic_write_text, find_runs, read_json
+
+__all__ = ["NC_FIGURE_METRICS", "write_report"]
+
+#: Metrics drawn in the NC figure (train split), with whether to use a log y-axis.
+NC_FIGURE_METRICS = (
+    ("nc1", "NC1: tr(Σ_W Σ_B⁺)/K", True),
+    ("nc2_w", "NC2 (classifier)", True),
+    ("nc2_h", "NC2 (features)", True),
+    ("nc3", "NC3 (self-duality)", True),
+)
+
+
+def _load_runs(out: Path) -> list[dict[str, Any]]:
+    runs = []
+    for run in find_runs(out):
+        summary_path = run.path / "summary.json"
+        runs.append(
+            {
+                "method": run.method,
+                "seed": run.seed,
+                "config": run.config,
+                "rows": run.rows(),
+                "summary": read_json(summary_path) if summary_path.exists() else {},
+            }
+        )
+    return runs
+
+
+def _value_at(rows: list[dict[str, Any]], epoch: int, key: str) -> Any:
+    for row in rows:
+        if row.get("epoch") == epoch:
+            return row.get(key)
+    return None
+
+
+def _accuracy_table(
+    runs: list[dict[str, Any]], methods: list[str], epochs: list[int]
+) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "seeds"]
+    header += [f"train top-1 @{e}" for e in epochs] + [f"test top-1 @{e}" for e in epochs]
+    rows = []
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        row = [method_label(method), str(len(mine))]
+        for split in ("train", "test"):
+            for epoch in epochs:
+                values = [_value_at(run["rows"], epoch, f"{split}_acc1") for run in mine]
+                row.append(format_median_range(values, fmt="{:.2f}"))
+        rows.append(row)
+    return header, rows
+
+
+def _cost_table(
+    runs: list[dict[str, Any]], methods: list[str], timing: dict[str, Any] | None
+) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "head",
+        "time per step, training runs (ms)",
+        "peak memory, training runs (MiB)",
+        "time per step, same-process bench (ms)",
+        "vs standard",
+        "bench memory (MiB)",
+    ]
+    measured = (timing or {}).get("heads", {})
+    names = [m for m in methods if m != "implicit"]
+    if "implicit" in methods:
+        names += ["implicit", "implicit-no-ddn"]
+    rows = []
+    for name in names:
+        mine = [run for run in runs if run["method"] == name]
+        step_ms = [
+            1000 * run["summary"]["time_per_step_s"]
+            for run in mine
+            if run["summary"].get("time_per_step_s") is not None
+        ]
+        memory = [
+            run["summary"]["peak_memory_mb"]
+            for run in mine
+            if run["summary"].get("peak_memory_mb") is not None
+        ]
+        bench = measured.get(name)
+        label = method_label(name)
+        rows.append(
+            [
+                label,
+                format_median_range(step_ms, fmt="{:.1f}", missing_text="-"),
+                format_median_range(memory, fmt="{:.0f}", missing_text="-"),
+                "-" if bench is None else f"{1000 * bench['time_per_step_s']:.1f}",
+                "-"
+                if bench is None or "overhead_percent" not in bench
+                else f"{bench['overhead_percent']:+.1f} %",
+                "-" if bench is None else f"{bench['peak_memory_mb']:.1f}",
+            ]
+        )
+    return header, rows
+
+
+def _figures(out: Path, runs: list[dict[str, Any]], methods: list[str]) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    long_rows = [
+        {"method": method_label(run["method"]), "seed": run["seed"], **row}
+        for method in methods
+        for run in runs
+        if run["method"] == method
+        for row in run["rows"]
+    ]
+    figures = out / "figures"
+    paths = []
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (key, title) in zip(
+        axes,
+        (("train_acc1", "train top-1 (%)"), ("test_acc1", "test top-1 (%)"), ("train_loss", "")),
+        strict=True,
+    ):
+        plot_median_bands(
+            series_from_rows(long_rows, "epoch", key, "method", "seed"),
+            ax=ax,
+            title=title or "training loss (epoch mean)",
+            xlabel="epoch",
+            marker="o",
+            log_y=key == "train_loss",
+        )
+    paths.append(save_figure(figure, figures / "accuracy.png"))
+    figure, axes = plt.subplots(
+        1, len(NC_FIGURE_METRICS), figsize=(5 * len(NC_FIGURE_METRICS), 3.8)
+    )
+    for ax, (key, title, log_y) in zip(axes, NC_FIGURE_METRICS, strict=True):
+        plot_median_bands(
+            series_from_rows(long_rows, "epoch", f"train_{key}", "method", "seed"),
+            ax=ax,
+            title=f"{title}, train",
+            xlabel="epoch",
+            marker="o",
+            log_y=log_y,
+        )
+    paths.append(save_figure(figure, figures / "nc_metrics.png"))
+    return paths
+
+
+def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -> Path:
+    """Read the finished runs under ``out`` and write tables, figures and ``report.md``.
+
+    Only reads files (``runs/*/*/{config.json,metrics.csv,summary.json,done}``, ``timing.json``).
+    Returns the path of ``report.md``. Raises ValueError when no finished run exists.
+    """
+    out = Path(out)
+    runs = _load_runs(out) if (out / "runs").is_dir() else []
+    if not runs:
+        raise ValueError(
+            f"no finished run (folder with a 'done' marker) under {str(out / 'runs')!r}; "
+            "run guided-nc compare without --report-only first"
+        )
+    methods = [m for m in METHOD_VARIANTS if any(run["method"] == m for run in runs)]
+    evaluated = sorted(set.intersection(*({row["epoch"] for row in run["rows"]} for run in runs)))
+    epochs = list(table_epochs) if table_epochs else sorted({evaluated[0], evaluated[-1]})
+    timing_path = out / "timing.json"
+    timing = read_json(timing_path) if timing_path.exists() else None
+    config = runs[0]["config"]
+
+    accuracy = _accuracy_table(runs, methods, epochs)
+    cost = _cost_table(runs, methods, timing)
+    caption = (
+        f"{config['dataset']} / {config['model']}: top-1 accuracy (%), median [min, max] over seeds"
+    )
+    tables_md = (
+        f"### Accuracy ({caption})\n\n{markdown_table(*accuracy)}\n"
+        f"### Cost per training step\n\n{markdown_table(*cost)}"
+    )
+    tables_tex = latex_table(*accuracy, caption=caption, label="tab:accuracy") + latex_table(
+        *cost, caption="Time per step and peak memory per head", label="tab:cost"
+    )
+    atomic_write_text(out / "tables.md", tables_md)
+    atomic_write_text(out / "tables.tex", tables_tex)
+    figures = _figures(out, runs, methods)
+
+    seeds = sorted({run["seed"] for run in runs})
+    machine = ""
+    if timing is not None:
+        machine = (
+            f"Bench: batch {timing['batch_size']}, {timing['repeats']} interleaved steps per "
+            f"head, device {timing['device']}, {timing['threads']} threads; memory "
+            f"= {next(iter(timing['heads'].values()))['memory_kind']}.\n"
+        )
+    lines = [
+        f"# Comparison: {config['dataset']} / {config['model']}",
+        "",
+        f"Optimiser {config['optimizer']}"
+        + (f" (gain {config['gain']})" if config["optimizer"] == "agd" else f" (lr {config['lr']})")
+        + f", {config['epochs']} epochs, batch {config['batch_size']}, tau "
+        f"{config['temperature']}, seeds {seeds}, {len(runs)} finished runs. "
+        "Stratified batches: all methods see the same batches at a seed.",
+        "",
+        tables_md,
+        "",
+        "Training-run time per step is the median over the run's epochs of the per-epoch median; "
+        "peak memory is CUDA max-allocated on a GPU and the process's max RSS on a CPU (runs "
+        "share one process in `compare`, so on a CPU it is cumulative). The bench columns time "
+        "every head in one process on one real batch, interleaved.",
+        machine,
+        *[f"![{path.stem}](figures/{path.name})" for path in figures],
+        "",
+    ]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report

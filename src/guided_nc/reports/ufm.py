@@ -1,0 +1,503 @@
+"""The UFM report: summaries, figures and report.md, built from an experiment's files only.
+
+Reads what :mod:`guided_nc.ufm` writes (``config.json`` and the run folders ``runs/<method>/
+seed<s>/``, or the v0.1 ``runs/<method>-seed<s>/``), never runs anything. For one preset folder
+:func:`build_report` merges the finished runs (:func:`merge_runs`) and writes::
+
+    metrics.csv, timings.csv, final_margins.npz   the runs, concatenated (long format)
+    summary.json     iterations to 100 % accuracy and to the CE bound, final metrics, seconds
+                     per iteration: median / min / max over seeds; the finished methods/seeds
+    *.png, report.md figures and tables
+
+:func:`build_scaling_report` compares several preset folders (``summary.json`` each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guided_nc.config import UFM_METRICS_FIELDS, UFM_NC_COLUMNS, UFM_TIMINGS_FIELDS, Preset
+from guided_nc.methods import METHOD_VARIANTS, method_label
+from guided_nc.metrics import ce_lower_bound
+from guided_nc.reports.figures import (
+    plot_histograms,
+    plot_median_bands,
+    save_figure,
+    series_from_rows,
+)
+from guided_nc.reports.tables import format_median_range, markdown_table, summarize
+from guided_nc.runfiles import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    find_runs,
+    read_json,
+    read_long_csv,
+    write_long_csv,
+)
+
+__all__ = [
+    "BOUND_FACTOR",
+    "FIGURES",
+    "build_report",
+    "build_scaling_report",
+    "merge_runs",
+    "summarize_metrics",
+]
+
+#: A run reaches the bound when its loss is at most this factor times ``ce_lower_bound``.
+BOUND_FACTOR = 1.01
+
+
+def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
+    """Concatenate every finished run of a preset folder into ``metrics.csv``, ``timings.csv``
+    and ``final_margins.npz`` at its top (method order of
+    :data:`guided_nc.methods.METHOD_VARIANTS`, then seed).
+
+    Returns ``{"methods": [...], "seeds": [...]}``: what the folder holds.
+    Raises ValueError when no run has finished.
+    """
+    out_dir = Path(out_dir)
+    order = list(METHOD_VARIANTS)
+    finished = sorted(
+        (run for run in find_runs(out_dir) if run.method in METHOD_VARIANTS),
+        key=lambda run: (order.index(run.method), run.seed),
+    )
+    if not finished:
+        raise ValueError(
+            f"{out_dir} holds no finished runs (runs/<method>/seed<s>/done); run them first"
+        )
+    metrics, timings, margins = [], [], {}
+    for run in finished:
+        metrics += run.rows()
+        timings += read_long_csv(run.path / "timings.csv")
+        margins[f"{run.method}/{run.seed}"] = np.load(
+            run.path / "final_margins.npy", allow_pickle=False
+        )
+    write_long_csv(out_dir / "metrics.csv", metrics, UFM_METRICS_FIELDS)
+    write_long_csv(out_dir / "timings.csv", timings, UFM_TIMINGS_FIELDS)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **margins)
+    atomic_write_bytes(out_dir / "final_margins.npz", buffer.getvalue())
+    return {
+        "methods": [m for m in order if any(run.method == m for run in finished)],
+        "seeds": sorted({run.seed for run in finished}),
+    }
+
+
+def _first_iteration(rows: Sequence[dict[str, Any]], predicate) -> int | None:
+    for row in sorted(rows, key=lambda row: row["iteration"]):
+        if predicate(row):
+            return int(row["iteration"])
+    return None
+
+
+def summarize_metrics(
+    metrics: Sequence[dict[str, Any]],
+    timings: Sequence[dict[str, Any]],
+    num_classes: int,
+    temperature: float,
+) -> dict[str, Any]:
+    """The summary.json content from the long-format rows.
+
+    Per method, over seeds (median / min / max; :func:`guided_nc.reports.tables.summarize`):
+
+    * ``iters_to_full_acc``: first evaluated iteration with 100 % training accuracy;
+    * ``iters_to_bound``: first iteration with ``loss <= 1.01 * ce_lower_bound(K, tau)``;
+      a seed that never gets there is ``null`` in ``per_seed`` and ranks above every number in
+      the summary (so the median is ``null`` when at least half never get there);
+    * ``final``: every metric at the last iteration;
+    * ``seconds_per_iteration``: per seed the median step time (iteration 1, which includes
+      one-off allocations, excluded when there are more).
+    """
+    bound = ce_lower_bound(num_classes, temperature)
+    methods: dict[str, Any] = {}
+    present = {row["method"] for row in metrics}
+    names = [method for method in METHOD_VARIANTS if method in present]
+    for method in names:
+        seeds = sorted({row["seed"] for row in metrics if row["method"] == method})
+        per_seed: dict[str, list] = {"iters_to_full_acc": [], "iters_to_bound": []}
+        finals: dict[str, list] = {}
+        step_times = []
+        for seed in seeds:
+            rows = [row for row in metrics if row["method"] == method and row["seed"] == seed]
+            per_seed["iters_to_full_acc"].append(
+                _first_iteration(rows, lambda row: row["acc1"] >= 100.0)
+            )
+            per_seed["iters_to_bound"].append(
+                _first_iteration(rows, lambda row: row["loss"] <= BOUND_FACTOR * bound)
+            )
+            last = max(rows, key=lambda row: row["iteration"])
+            for key in ("loss", "acc1", *UFM_NC_COLUMNS):
+                finals.setdefault(key, []).append(last.get(key))
+            seconds = [
+                row["step_seconds"]
+                for row in timings
+                if row["method"] == method
+                and row["seed"] == seed
+                and (row["iteration"] > 1 or len(rows) <= 2)
+            ]
+            step_times.append(float(np.median(seconds)) if seconds else None)
+        methods[method] = {
+            "seeds": seeds,
+            "iters_to_full_acc": summarize(per_seed["iters_to_full_acc"], "largest"),
+            "iters_to_bound": summarize(per_seed["iters_to_bound"], "largest"),
+            "reached_full_acc": sum(value is not None for value in per_seed["iters_to_full_acc"]),
+            "reached_bound": sum(value is not None for value in per_seed["iters_to_bound"]),
+            "per_seed": per_seed,
+            "final": {key: summarize(values) for key, values in finals.items()},
+            "seconds_per_iteration": summarize(step_times),
+            "seconds_per_iteration_per_seed": step_times,
+        }
+    overhead = None
+    if "implicit" in methods and "standard" in methods:
+        implicit = methods["implicit"]["seconds_per_iteration"]["median"]
+        standard = methods["standard"]["seconds_per_iteration"]["median"]
+        if implicit is not None and standard:
+            overhead = implicit / standard
+    return {
+        "ce_lower_bound": bound,
+        "bound_factor": BOUND_FACTOR,
+        "implicit_over_standard_time": overhead,
+        "methods": methods,
+    }
+
+
+#: (file stem, column, title, y label, log y) of the per-metric band figures.
+FIGURES = (
+    ("loss", "loss", "Cross-entropy loss", "loss", True),
+    ("excess_loss", "excess_loss", "Loss above the CE bound", "loss - L*", True),
+    ("accuracy", "acc1", "Training accuracy", "top-1 (%)", False),
+    ("nc1", "nc1", "NC1: within-class variability", "tr(Sw Sb+)/K", True),
+    ("nc2", "nc2_w", "NC2: classifier ETF deviation", "NC2 (W)", True),
+    ("nc2_features", "nc2_h", "NC2: feature-mean ETF deviation", "NC2 (H)", True),
+    ("nc3", "nc3", "NC3: self-duality", "NC3", True),
+    ("equinorm", "equinorm", "Equinorm: |CV_H - CV_W|", "|CV_H - CV_W|", True),
+    ("margin", "margin_mean", "Mean cosine margin", "margin", False),
+)
+
+
+def _labelled(series: dict[str, Any]) -> dict[str, Any]:
+    return {method_label(name): value for name, value in series.items()}
+
+
+def _colors() -> dict[str, str]:
+    return {method.label: method.color for method in METHOD_VARIANTS.values()}
+
+
+def _draw(ax, stem, column, title, ylabel, log_y, metrics, bound, etf_margin, log_x):
+    series = series_from_rows(metrics, "iteration", column, "method", "seed")
+    if log_x:
+        # Iteration 0 cannot sit on a log axis: shift by one ("steps + 1").
+        series = {key: (xs + 1, values) for key, (xs, values) in series.items()}
+    reference, reference_label = None, None
+    if stem == "loss":
+        reference, reference_label = bound, f"CE bound {bound:.4g}"
+    elif stem == "margin":
+        reference, reference_label = etf_margin, f"ETF margin {etf_margin:.4g}"
+    elif stem == "excess_loss":
+        reference, reference_label = 0.01 * bound, "0.01 L* (the 'reached' threshold)"
+    elif stem == "accuracy":
+        reference, reference_label = 100.0, None
+    plot_median_bands(
+        _labelled(series),
+        ax=ax,
+        title=title,
+        xlabel="iteration + 1" if log_x else "iteration",
+        ylabel=ylabel,
+        reference=reference,
+        reference_label=reference_label,
+        log_x=log_x,
+        log_y=log_y,
+        colors=_colors(),
+    )
+
+
+def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
+    """Write summary.json, the figures and report.md of one preset folder from its files only.
+
+    Merges the finished runs (:func:`merge_runs`), then reads ``config.json``, ``metrics.csv``,
+    ``timings.csv`` and ``final_margins.npz``. The summary's ``config`` is the experiment's,
+    with ``methods`` and ``seeds`` those of the finished runs it pooled. Returns the path of
+    report.md.
+    """
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    held = merge_runs(out_dir)
+    saved = {**read_json(out_dir / "config.json")["config"], **held}
+    preset = Preset(**saved["preset"])
+    temperature = saved["temperature"]
+    metrics = read_long_csv(out_dir / "metrics.csv")
+    timings = read_long_csv(out_dir / "timings.csv")
+    with np.load(out_dir / "final_margins.npz", allow_pickle=False) as archive:
+        margins = {key: archive[key] for key in archive.files}
+    summary = summarize_metrics(metrics, timings, preset.num_classes, temperature)
+    # Derived column for the figures only: how far the loss is above the bound.
+    bound = summary["ce_lower_bound"]
+    metrics = [{**row, "excess_loss": row["loss"] - bound} for row in metrics]
+    summary = {"preset": dataclasses.asdict(preset), "config": saved, **summary}
+    atomic_write_json(out_dir / "summary.json", summary)
+
+    etf_margin = preset.num_classes / (preset.num_classes - 1)
+    figures = []
+    for stem, column, title, ylabel, log_y in FIGURES:
+        ax = plt.subplots(figsize=(5.0, 3.6))[1]
+        _draw(ax, stem, column, title, ylabel, log_y, metrics, bound, etf_margin, log_x)
+        save_figure(ax.figure, out_dir / f"{stem}.png")
+        figures.append((stem, title))
+    pooled = {}
+    for method in METHOD_VARIANTS:
+        arrays = [value for key, value in margins.items() if key.split("/")[0] == method]
+        if arrays:
+            pooled[method_label(method)] = np.concatenate(arrays)
+    plot_histograms(
+        pooled,
+        path=out_dir / "margin_distribution.png",
+        title=f"Final cosine margins (all samples, all seeds, iteration {saved['iterations']})",
+        xlabel="cosine margin",
+        reference=etf_margin,
+        reference_label=f"ETF margin {etf_margin:.4g}",
+        colors=_colors(),
+    )
+    figures.append(("margin_distribution", "Final cosine-margin distribution"))
+
+    overview, axes = plt.subplots(2, 5, figsize=(25, 8.5), layout="constrained")
+    for ax, (stem, column, title, ylabel, log_y) in zip(axes.flat, FIGURES, strict=False):
+        _draw(ax, stem, column, title, ylabel, log_y, metrics, bound, etf_margin, log_x)
+    plot_histograms(
+        pooled,
+        ax=axes.flat[len(FIGURES)],
+        title="Final cosine margins",
+        xlabel="cosine margin",
+        reference=etf_margin,
+        colors=_colors(),
+    )
+    overview.suptitle(
+        f"{preset.name}: K={preset.num_classes}, N={preset.num_samples}, "
+        f"d={preset.num_features} - median and min-max over seeds"
+    )
+    save_figure(overview, out_dir / "overview.png")
+
+    step_times = out_dir / "step_times.json"
+    if step_times.exists():
+        summary["interleaved_step_times"] = read_json(step_times)
+        atomic_write_json(out_dir / "summary.json", summary)
+    text = _preset_markdown(summary, preset, figures)
+    return atomic_write_text(out_dir / "report.md", text)
+
+
+def _fmt_iterations(summary: dict[str, Any]) -> str:
+    return format_median_range(summary, fmt="{:.0f}", missing_text="never")
+
+
+def _preset_markdown(summary: dict[str, Any], preset: Preset, figures) -> str:
+    config = summary["config"]
+    methods = summary["methods"]
+    batch = "full batch" if config["batch_size"] is None else f"batch {config['batch_size']}"
+    optimiser = (
+        f"AGD gain {config['gain']}" if config["optimizer"] == "agd" else config["optimizer"]
+    )
+    lines = [
+        f"# {preset.name}: K={preset.num_classes}, N={preset.num_samples}, d={preset.num_features}",
+        "",
+        f"{config['iterations']} iterations, {optimiser}, {batch}, tau {config['temperature']}, "
+        f"DDN gradient {'on' if config['ddn_grad'] else 'off'}. Median [min, max] over seeds.",
+        f"CE lower bound L*(K, tau) = {summary['ce_lower_bound']:.4f}; 'reached the bound' means "
+        f"loss <= {summary['bound_factor']} x L*. 'never' = not within the run (ranked last).",
+        "",
+        "## Convergence",
+        "",
+    ]
+    header = ["method", "seeds", "iters to 100 % acc", "reached", "iters to bound", "reached"]
+    rows = []
+    for method, data in methods.items():
+        count = len(data["seeds"])
+        rows.append(
+            [
+                method_label(method),
+                count,
+                _fmt_iterations(data["iters_to_full_acc"]),
+                f"{data['reached_full_acc']}/{count}",
+                _fmt_iterations(data["iters_to_bound"]),
+                f"{data['reached_bound']}/{count}",
+            ]
+        )
+    lines += [markdown_table(header, rows), "## Final state (last iteration)", ""]
+    keys = ("loss", "acc1", "nc1", "nc2_w", "nc2_h", "nc3", "equinorm", "margin_mean", "margin_min")
+    rows = [
+        [method_label(method)]
+        + [format_median_range(data["final"][key], fmt="{:.3g}") for key in keys]
+        for method, data in methods.items()
+    ]
+    lines += [markdown_table(["method", *keys], rows)]
+    lines += ["## Time per iteration", ""]
+    rows = [
+        [
+            method_label(method),
+            format_median_range(
+                {
+                    k: None if v is None else 1000 * v
+                    for k, v in data["seconds_per_iteration"].items()
+                },
+                fmt="{:.2f}",
+            ),
+        ]
+        for method, data in methods.items()
+    ]
+    lines += [markdown_table(["method", "ms per step (median of steps)"], rows)]
+    if summary["implicit_over_standard_time"] is not None:
+        lines += [
+            f"Implicit ETF step time / standard step time: "
+            f"{summary['implicit_over_standard_time']:.2f}x (training step only: forward, "
+            f"backward, optimiser; evaluation excluded).",
+            "",
+        ]
+    interleaved = summary.get("interleaved_step_times")
+    if interleaved is not None:
+        medians = interleaved["median_seconds"]
+        standard = medians.get("standard")
+        rows = [
+            [
+                method_label(variant),
+                format_median_range([1000 * value for value in seconds], fmt="{:.2f}"),
+                "-" if not standard else f"{medians[variant] / standard:.2f}x",
+            ]
+            for variant, seconds in interleaved["seconds"].items()
+        ]
+        lines += [
+            f"Interleaved timing (`--time-steps {interleaved['steps']}`: one full-batch step of "
+            f"each method in turn, {interleaved['environment']['torch_threads']} thread(s)):",
+            "",
+            markdown_table(["method", "ms per step", "/ standard"], rows),
+        ]
+    lines += ["## Figures", "", "![overview](overview.png)", ""]
+    lines += [f"![{title}]({stem}.png)" for stem, title in figures]
+    return "\n".join(lines) + "\n"
+
+
+def build_scaling_report(root: str | os.PathLike, preset_dirs: Sequence[str | os.PathLike]) -> Path:
+    """Compare several preset folders (each with summary.json): iterations to convergence and
+    time per step versus K. Writes ``root/summary.json``, ``root/convergence_vs_classes.png``
+    and ``root/report.md`` (which links each preset's report). Returns the report path."""
+    import matplotlib.pyplot as plt
+
+    root = Path(root)
+    summaries = {}
+    for folder in preset_dirs:
+        folder = Path(folder)
+        summary = read_json(folder / "summary.json")
+        summaries[summary["preset"]["name"]] = (folder, summary)
+    order = sorted(summaries, key=lambda name: summaries[name][1]["preset"]["num_classes"])
+    present = {method for _, summary in summaries.values() for method in summary["methods"]}
+    methods = [method for method in METHOD_VARIANTS if method in present]
+    atomic_write_json(
+        root / "summary.json", {"presets": {name: summaries[name][1] for name in order}}
+    )
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+    for ax, key, title in (
+        (axes[0], "iters_to_full_acc", "Iterations to 100 % training accuracy"),
+        (axes[1], "iters_to_bound", "Iterations to loss <= 1.01 x CE bound"),
+        (axes[2], "seconds_per_iteration", "Seconds per training step"),
+    ):
+        series = {}
+        for method in METHOD_VARIANTS:
+            xs, values = [], []
+            for name in order:
+                data = summaries[name][1]["methods"].get(method)
+                if data is None:
+                    continue
+                xs.append(summaries[name][1]["preset"]["num_classes"])
+                if key == "seconds_per_iteration":
+                    per_seed = data["seconds_per_iteration_per_seed"]
+                else:
+                    per_seed = data["per_seed"][key]
+                values.append([math.nan if value is None else value for value in per_seed])
+            if xs:
+                width = max(len(row) for row in values)
+                matrix = np.full((width, len(xs)), np.nan)
+                for column, row in enumerate(values):
+                    matrix[: len(row), column] = row
+                series[method_label(method)] = (np.asarray(xs, float), matrix)
+        plot_median_bands(
+            series,
+            ax=ax,
+            title=title,
+            xlabel="number of classes K",
+            log_x=True,
+            log_y=key == "seconds_per_iteration",
+            marker="o",
+            colors=_colors(),
+        )
+    axes[0].set_ylabel("iterations (seeds that got there)")
+    figure.suptitle(
+        "UFM scaling: median and min-max over seeds (runs that never got there omitted)"
+    )
+    save_figure(figure, root / "convergence_vs_classes.png")
+
+    lines = ["# UFM: scaling with the number of classes", ""]
+    header = ["preset", "K"] + [
+        f"{method_label(m)} {what}" for what in ("acc", "bound") for m in methods
+    ]
+    rows = []
+    for name in order:
+        summary = summaries[name][1]
+        row = [name, summary["preset"]["num_classes"]]
+        for key in ("iters_to_full_acc", "iters_to_bound"):
+            for method in methods:
+                data = summary["methods"].get(method)
+                if data is None:
+                    row.append("-")
+                else:
+                    reached = data[
+                        "reached_full_acc" if key == "iters_to_full_acc" else "reached_bound"
+                    ]
+                    row.append(f"{_fmt_iterations(data[key])} ({reached}/{len(data['seeds'])})")
+        rows.append(row)
+    lines += [
+        "Iterations to 100 % training accuracy ('acc') and to loss <= 1.01 x CE bound ('bound'): "
+        "median [min, max] over seeds (seeds that got there / seeds).",
+        "",
+        markdown_table(header, rows),
+    ]
+    header = ["preset"] + [f"{method_label(m)} ms/step" for m in methods] + ["implicit / standard"]
+    rows = []
+    for name in order:
+        summary = summaries[name][1]
+        row = [name]
+        for method in methods:
+            data = summary["methods"].get(method)
+            row.append(
+                "-"
+                if data is None
+                else format_median_range(
+                    {
+                        k: None if v is None else 1000 * v
+                        for k, v in data["seconds_per_iteration"].items()
+                    },
+                    fmt="{:.1f}",
+                )
+            )
+        ratio = summary["implicit_over_standard_time"]
+        row.append("-" if ratio is None else f"{ratio:.2f}x")
+        rows.append(row)
+    lines += [
+        "Time per training step (median [min, max] over seeds):",
+        "",
+        markdown_table(header, rows),
+    ]
+    lines += ["![convergence vs K](convergence_vs_classes.png)", ""]
+    for name in order:
+        folder = summaries[name][0]
+        relative = os.path.relpath(folder / "report.md", root)
+        lines.append(f"- [{name}]({relative})")
+    return atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
