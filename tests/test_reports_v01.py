@@ -80,5 +80,20 @@ def test_the_comparison_report_rebuilds_from_a_v01_folder(tmp_path):
     timing = json.loads((folder / "timing.json").read_text())["heads"]
     overhead = timing["implicit"]["overhead_percent"]
     assert f"{overhead:+.1f} %" in text
-    assert (folder / "tables.tex").read_text().count(r"\toprule") == 2
+    # Accuracy, NC (train), NC (test), cost: four booktabs tables.
+    assert (folder / "tables.tex").read_text().count(r"\toprule") == 4
+    # The NC tables: NC1 at each table epoch, per split, from the run's own rows.
+    for method, label in labels.items():
+        rows = {
+            int(r["epoch"]): r for r in _rows(folder / "runs" / method / "seed0" / "metrics.csv")
+        }
+        for split in ("train", "test"):
+            section = text.split(f"### NC metrics, {split} split")[1].split("###")[0]
+            for epoch in (1, 2):
+                value = float(rows[epoch][f"{split}_nc1"])
+                line = next(
+                    x for x in section.splitlines() if x.startswith(f"| {label} | {epoch} |")
+                )
+                assert f"{value:.3g} [{value:.3g}, {value:.3g}]" in line, (method, split, epoch)
+    assert (folder / "figures" / "nc_metrics_test.png").stat().st_size > 1000
     assert (folder / "figures" / "accuracy.png").stat().st_size > 1000

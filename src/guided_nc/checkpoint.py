@@ -10,7 +10,9 @@ converted to tensors and lists for that reason).
 
 from __future__ import annotations
 
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from guided_nc.runfiles import atomic_write
 
 __all__ = [
+    "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
@@ -36,14 +39,54 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda file: torch.save(state, file))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: empty, truncated, foreign or missing keys."""
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    required_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: one message naming the path, what is wrong (empty, truncated or
+            corrupt, objects that ``weights_only`` refuses, not a dict, missing
+            ``required_keys``) and the fix (delete it to restart, or restore it).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; train without --resume first"
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+
+    def unusable(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot resume from {str(path)!r}: it {what}. Delete it to restart the run from "
+            "scratch, or restore the file from a backup"
+        )
+
+    if path.stat().st_size == 0:
+        raise unusable("is empty (a write was interrupted before its first byte)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise unusable(
+            f"holds objects that weights_only loading refuses (not a guided-nc checkpoint?): "
+            f"{reason}"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error)
+        raise unusable(f"is truncated or corrupt ({reason})") from error
+    if not isinstance(state, dict):
+        raise unusable(f"is not a guided-nc checkpoint (it holds a {type(state).__name__})")
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise unusable(f"is not a guided-nc training checkpoint (missing keys {missing})")
+    return state
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -70,10 +70,6 @@ def run_comparison(
         for method in methods:
             for seed in seeds:
                 folder = run_folder(out, method, seed)
-                if read_done(folder) is not None and not base.extends(
-                    TrainConfig.load(folder / "config.json")
-                ):
-                    continue  # finished (a longer --epochs with --schedule none extends it)
                 config = dataclasses.replace(
                     base,
                     method=method,
@@ -82,6 +78,8 @@ def run_comparison(
                     out=str(folder),
                     resume=(folder / "checkpoint.pt").exists(),
                 )
+                if read_done(folder) is not None and _finished_as_requested(config, folder):
+                    continue  # finished (a longer --epochs with --schedule none extends it)
                 train.fit(config)
         timing_path = out / "timing.json"
         # The measurement runs heads on one process; under torchrun the ETF heads would wait
@@ -95,6 +93,27 @@ def run_comparison(
     finally:
         if created_group:
             distributed.destroy_process_group()
+
+
+def _finished_as_requested(config: TrainConfig, folder: Path) -> bool:
+    """Whether a finished run can be skipped: True if it is this configuration's run, False if
+    ``config`` extends it (``fit`` then trains it further). Any other difference is an error:
+    pooling runs trained with other settings into one table would be silently wrong.
+    """
+    saved = TrainConfig.load(folder / "config.json")
+    if config.extends(saved):
+        return False
+    changed = config.resume_mismatches(saved)
+    if changed:
+        values = ", ".join(
+            f"{key}: {getattr(saved, key)!r} there, {getattr(config, key)!r} now" for key in changed
+        )
+        raise ValueError(
+            f"{folder} holds a finished run with a different configuration ({values}); pass the "
+            "same settings to add seeds or methods to this comparison, or choose another --out "
+            "(delete that run folder to retrain it)"
+        )
+    return True
 
 
 def measure_heads(

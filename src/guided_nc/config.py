@@ -24,6 +24,7 @@ from guided_nc.runfiles import atomic_write_json, environment_info, read_json
 from guided_nc.runtime import DEVICES
 
 __all__ = [
+    "POOL_FREE_FIELDS",
     "PRESETS",
     "UFM_DENSE_COLUMNS",
     "UFM_METRICS_FIELDS",
@@ -33,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "UFMConfig",
     "add_config_arguments",
+    "check_number",
     "config_from_namespace",
     "int_at_least",
     "parse_int_list",
@@ -44,12 +46,31 @@ __all__ = [
 #: because evaluation runs on a forked RNG (it cannot shift the training's random stream), so
 #: which epochs are evaluated changes the rows of ``metrics.csv``, never their values.
 RESUME_FREE_FIELDS = frozenset(
-    {"resume", "progress", "threads", "download", "data_root", "out", "eval_epochs"}
+    {
+        "resume",
+        "resume_or_start",
+        "progress",
+        "threads",
+        "download",
+        "data_root",
+        "out",
+        "eval_epochs",
+    }
 )
 
 
-def parse_int_list(text: str | list | tuple) -> tuple[int, ...]:
-    """Parse ``"1,50,200"`` (or a list of ints) into a sorted tuple of unique positive ints."""
+#: Fields in which the runs of one comparison may differ and still be pooled into one table:
+#: the seed and the method (with its option ``ddn_grad``), and how a run executed. ``epochs`` is
+#: pooled too when every run has ``schedule="none"`` (epoch e is then the same in a longer run).
+POOL_FREE_FIELDS = RESUME_FREE_FIELDS | {"seed", "method", "ddn_grad"}
+
+
+def parse_int_list(text: str | list | tuple, name: str = "eval_epochs") -> tuple[int, ...]:
+    """Parse ``"1,50,200"`` (or a list of ints) into a sorted tuple of unique positive ints.
+
+    ``name`` is the option the value came from, for the error message.
+    """
+    flag = "--" + name.replace("_", "-")
     if isinstance(text, (list, tuple)):
         items = list(text)
     else:
@@ -58,12 +79,48 @@ def parse_int_list(text: str | list | tuple) -> tuple[int, ...]:
         values = sorted({int(item) for item in items})
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"eval_epochs={text!r} is not a comma-separated list of integers; "
-            "pass e.g. --eval-epochs 1,50,200"
+            f"{name}={text!r} is not a comma-separated list of integers; pass e.g. {flag} 1,50,200"
         ) from error
     if any(value < 1 for value in values):
-        raise ValueError(f"eval_epochs={text!r} contains an epoch < 1; epochs count from 1")
+        raise ValueError(f"{name}={text!r} contains an epoch < 1; epochs count from 1")
     return tuple(values)
+
+
+def check_number(
+    name: str,
+    value: float | None,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+    optional: bool = False,
+) -> None:
+    """ValueError unless ``value`` is a finite number in the given range (None if optional).
+
+    NaN and infinities are refused here, before any training starts: ``--lr nan`` would
+    otherwise train an epoch of NaNs and fail later, blaming something else.
+    """
+    if value is None and optional:
+        return
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number; pass a real value")
+    too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    too_high = maximum is not None and (value >= maximum if exclusive_maximum else value > maximum)
+    if too_low or too_high:
+        low = "" if minimum is None else f"{minimum} {'<' if exclusive_minimum else '<='} "
+        high = "" if maximum is None else f" {'<' if exclusive_maximum else '<='} {maximum}"
+        raise ValueError(f"{name}={value} is out of range: need {low}{name}{high}")
+
+
+def _check_hyperparameters(config: Any) -> None:
+    """The optimiser's and the heads' numbers, shared by TrainConfig and UFMConfig."""
+    check_number("lr", config.lr, minimum=0, exclusive_minimum=True, optional=True)
+    check_number("gain", config.gain, minimum=0, exclusive_minimum=True)
+    check_number("momentum", config.momentum, minimum=0, maximum=1, exclusive_maximum=True)
+    check_number("weight_decay", config.weight_decay, minimum=0, optional=True)
+    check_number("delta", config.delta, minimum=0)
+    check_number("temperature", config.temperature, minimum=0, exclusive_minimum=True)
 
 
 def _choices(*values: str) -> dict:
@@ -119,7 +176,14 @@ class TrainConfig:
         default=(),
         metadata={"help": "comma-separated epochs to evaluate (the last is always added)"},
     )
-    resume: bool = field(default=False, metadata={"help": "continue from the run's checkpoint"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from the run's checkpoint (an error if there is none)"},
+    )
+    resume_or_start: bool = field(
+        default=False,
+        metadata={"help": "continue from the checkpoint if there is one, else start a new run"},
+    )
     data_root: str | None = field(
         default=None, metadata={"help": "dataset folder (default: $GUIDED_NC_DATA or ./data)"}
     )
@@ -159,12 +223,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("temperature", "gain"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("lr", "weight_decay", "delta", "momentum"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        _check_hyperparameters(self)
+        check_number(
+            "imbalance_factor", self.imbalance_factor, minimum=0, maximum=1, exclusive_minimum=True
+        )
+        check_number("label_noise", self.label_noise, minimum=0, maximum=1, exclusive_maximum=True)
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0 keeps torch's default)")
         if self.bias is None:
@@ -512,8 +575,15 @@ class UFMConfig:
             raise ValueError(f"schedule={self.schedule!r} is not supported; use 'none' or 'cosine'")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
+        _check_hyperparameters(self)
+        check_number(
+            "running_mean_momentum",
+            self.running_mean_momentum,
+            minimum=0,
+            maximum=1,
+            exclusive_minimum=True,
+            optional=True,
+        )
 
     @property
     def full_batch(self) -> bool:

@@ -7,6 +7,11 @@ that line lives here:
   ``os.replace`` moves it over the target (atomic on POSIX): a reader never sees half a file and
   a crash leaves the previous version. The file gets the permissions a plain ``open()`` would
   (``0666 & ~umask``, so 0644 under the default umask): results are readable by other users.
+  A full or read-only disk (``ENOSPC``, ``EDQUOT``, ``EROFS``) raises :class:`DiskError`, which
+  names the folder and the fix.
+* **Locks.** :class:`RunLock` lets one process at a time write a run folder (``fcntl.flock`` on
+  ``.<folder name>.lock`` beside it, released by the kernel when the holder dies, even by
+  ``kill -9``); a second writer gets an error naming the folder and the process holding it.
 * **Long-format CSV** (one row per observation, empty cell = missing) and JSON (NaN -> null).
 * **The run-folder contract**, shared by ``guided-nc ufm``, ``train`` and ``compare``::
 
@@ -22,13 +27,16 @@ that line lives here:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -41,7 +49,11 @@ import numpy as np
 
 __all__ = [
     "DONE_NAME",
+    "LOCK_NAME",
+    "DiskError",
     "RunFolder",
+    "RunFolderLocked",
+    "RunLock",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -54,6 +66,7 @@ __all__ = [
     "read_done",
     "read_json",
     "read_long_csv",
+    "remove_stale_temporaries",
     "run_folder",
     "save_npy",
     "write_long_csv",
@@ -61,6 +74,24 @@ __all__ = [
 
 #: Name of the marker a finished run writes last.
 DONE_NAME = "done"
+
+#: Name of a run folder's lock file, beside the folder (so that a run refused before it
+#: starts leaves no folder behind): ``.<folder name>.lock``.
+LOCK_NAME = ".{name}.lock"
+
+#: errno values that mean "the disk cannot take this file".
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+_LOGGER = logging.getLogger("guided_nc")
+
+
+class DiskError(OSError):
+    """A file could not be written because its disk is full or read-only (names the folder)."""
+
+
+class RunFolderLocked(RuntimeError):
+    """Another process is writing this run folder."""
+
 
 #: The v0.1 UFM run folders: ``runs/<method>-seed<seed>/done.json``.
 _LEGACY_UFM_FOLDER = re.compile(r"^(?P<method>[a-z-]+)-seed(?P<seed>\d+)$")
@@ -75,30 +106,91 @@ def _current_umask() -> int:
     return mask
 
 
+class _RecordingStream:
+    """A binary file whose ``write`` remembers the OSError it raised.
+
+    ``torch.save`` writes through its own C++ zip writer, which turns the write error of a full
+    disk into ``RuntimeError: ... unexpected pos``; the recorded OSError lets the caller say
+    what really happened.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream, self.error = stream, None
+
+    def write(self, data) -> int:
+        try:
+            return self._stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _disk_error(error: OSError, path: Path) -> DiskError:
+    what = "is read-only" if error.errno == errno.EROFS else "is full (or over its quota)"
+    return DiskError(
+        error.errno,
+        f"cannot write {path.name}: the disk of folder {str(path.parent)!r} {what} "
+        f"({os.strerror(error.errno)}); free some space or choose another --out, then resume",
+    )
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Call ``write(binary_file)`` on a temporary file next to ``path``, then ``os.replace`` it.
 
     Creates missing parent folders. The file is flushed and fsynced before the rename, and gets
     mode ``0666 & ~umask`` (``mkstemp`` would leave 0600). On any exception, including
-    KeyboardInterrupt, the temporary file is removed and ``path`` keeps its previous content.
-    Returns the path.
+    KeyboardInterrupt, the temporary file is removed and ``path`` keeps its previous content;
+    a full or read-only disk raises :class:`DiskError` naming the folder. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        if error.errno in _DISK_ERRNOS:
+            raise _disk_error(error, path) from error
+        raise
+    stream = None
+    try:
+        with os.fdopen(handle, "wb") as raw:
+            stream = _RecordingStream(raw)
             write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         # Why BaseException: a KeyboardInterrupt mid-write must not leave temp files behind.
         if os.path.exists(temporary):
             os.unlink(temporary)
+        cause = stream.error if stream is not None and stream.error is not None else error
+        if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+            raise _disk_error(cause, path) from error
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_write` left in ``folder``.
+
+    A ``kill -9`` mid-write leaves ``.<name>.<random>.tmp`` behind (up to a checkpoint's size
+    each). Call this only on a folder this process has locked (:class:`RunLock`), where no
+    other writer can be mid-write. Returns the removed paths (each is also logged).
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+                _LOGGER.info("removed %s, left by an interrupted write", path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -360,3 +452,111 @@ def find_runs(experiment: str | os.PathLike, *, finished_only: bool = True) -> l
                 continue
             found.append(RunFolder(path, method, seed, _run_config(path), done))
     return sorted(found, key=lambda run: (run.method, run.seed))
+
+
+# --- locks ------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive lock on a run folder, for the process that writes it.
+
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``.<name>.lock`` beside the folder: the kernel releases
+    it when the holder exits for any reason (``kill -9`` included), so a lock can never outlive
+    its process (on NFS, Linux maps flock to POSIX locks, which the server also releases). The
+    file also records who holds it (host, PID, start time, command line), so that a second
+    writer is told whom it waits for, and the next holder can say that it takes over from a
+    process that was killed. The file stays after release (deleting it would race with a
+    process that opened it); an empty file means a clean release.
+
+    Use as a context manager, or :meth:`acquire` / :meth:`release`. Under torchrun only rank 0
+    takes it (the caller's job).
+
+    Raises:
+        RunFolderLocked: another process holds the lock.
+    """
+
+    def __init__(self, folder: str | os.PathLike, wait: float = 0.0) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder.parent / LOCK_NAME.format(name=self.folder.name)
+        self.wait = wait
+        self._handle: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, waiting up to ``wait`` seconds for another holder; returns self."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+            holder = self._holder(handle)
+            os.close(handle)
+            raise RunFolderLocked(
+                f"run folder {str(self.folder)!r} is in use by {holder}; wait for it to finish, "
+                "stop it, or choose another --out"
+            ) from None
+        previous = self._read(handle)
+        if previous.get("pid"):
+            _LOGGER.warning(
+                "%s: taking over the lock of %s, which is no longer running (killed?)",
+                self.folder,
+                self._describe(previous),
+            )
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, json.dumps(record).encode(), 0)
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        """Clear the record and unlock (idempotent)."""
+        if self._handle is None:
+            return
+        import fcntl
+
+        os.ftruncate(self._handle, 0)
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        os.close(self._handle)
+        self._handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    @staticmethod
+    def _read(handle: int) -> dict[str, Any]:
+        text = os.pread(handle, 65536, 0).decode("utf-8", "replace").strip()
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def _holder(self, handle: int) -> str:
+        record = self._read(handle)
+        if not record.get("pid"):
+            return "another process (it has not written its name yet)"
+        return self._describe(record)
+
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        text = f"PID {record.get('pid')} on host {record.get('host')}"
+        if record.get("started"):
+            text += f" since {record['started']}"
+        if record.get("command"):
+            text += f" ({record['command']})"
+        return text

@@ -37,13 +37,35 @@ from guided_nc.checkpoint import (
 )
 from guided_nc.config import TrainConfig
 from guided_nc.progress import LOGGER, Progress
-from guided_nc.runfiles import DONE_NAME, atomic_write_json, mark_done, write_long_csv
+from guided_nc.runfiles import (
+    DONE_NAME,
+    RunFolderLocked,
+    RunLock,
+    atomic_write_json,
+    mark_done,
+    remove_stale_temporaries,
+    write_long_csv,
+)
 from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
 from guided_nc.timing import build_optimizer_for, training_step
 
 __all__ = ["build_backbone_for", "build_head_for", "evaluate", "fit"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+#: What a training checkpoint must hold to be resumed.
+CHECKPOINT_KEYS = (
+    "epoch",
+    "model",
+    "optimizer",
+    "scheduler",
+    "sampler",
+    "rng",
+    "rank_states",
+    "rows",
+    "timings",
+    "config",
+)
 
 
 def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.Module:
@@ -111,13 +133,14 @@ def fit(config: TrainConfig) -> Path:
     only) trains it further, exactly as if it had been that long from the start.
     """
     out = Path(config.out)
-    extending = _check_run_folder(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     created_group = distributed.init_from_environment(device.type)
-    writer = None
+    writer, lock = None, None
     try:
+        lock = _lock_run_folder(out, device)
+        state, extending = _check_run_folder(config)
         world_size, rank = distributed.world_size(), distributed.rank()
         is_main = distributed.is_main_process()
         if config.batch_size % world_size:
@@ -131,9 +154,9 @@ def fit(config: TrainConfig) -> Path:
         optimizer, scheduler = _build_optimizer(config, model, len(data.train_loader))
 
         start_epoch, rows, timings = 0, [], []
-        if config.resume and (out / CHECKPOINT_NAME).exists():
+        if state is not None:
             start_epoch, rows, timings = _restore(
-                out / CHECKPOINT_NAME, model, optimizer, scheduler, data, world_size, rank
+                state, model, optimizer, scheduler, data, world_size, rank
             )
         if is_main:
             writer = _open_run_folder(config, start_epoch, extending)
@@ -178,6 +201,8 @@ def fit(config: TrainConfig) -> Path:
     finally:
         if writer is not None:
             writer.close()
+        if lock is not None:
+            lock.release()
         if created_group:
             distributed.destroy_process_group()
 
@@ -185,26 +210,74 @@ def fit(config: TrainConfig) -> Path:
 # --- the stages of fit, in the order fit calls them ----------------------------------------------
 
 
-def _check_run_folder(config: TrainConfig) -> bool:
-    """Refuse to overwrite a run, or to resume one with different numbers; True if the run is
-    being extended (a finished run resumed with a larger ``epochs``)."""
+def _lock_run_folder(out: Path, device: torch.device) -> RunLock | None:
+    """Rank 0 locks the run folder and removes temp files an earlier kill left in it.
+
+    Every rank learns whether it worked (one all-reduce), so that all of them stop together
+    with the same error instead of waiting for a rank that gave up.
+    """
+    lock, error = None, None
+    if distributed.is_main_process():
+        try:
+            lock = RunLock(out).acquire()
+            remove_stale_temporaries(out)
+        except RunFolderLocked as caught:
+            error = caught
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    if distributed.all_reduce_sum(flag).item() > 0:
+        raise error or RunFolderLocked(f"rank 0 could not lock the run folder {str(out)!r}")
+    return lock
+
+
+def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]:
+    """Apply the resume rule; returns (the checkpoint to resume from or None, extending).
+
+    * without ``--resume``: a folder that holds a run (checkpoint or done) is an error;
+    * ``--resume``: the checkpoint must exist, be readable and hold a run with the same
+      configuration as the one requested (both the checkpoint's own copy and ``config.json``
+      are compared; ``--epochs`` may only grow, with ``--schedule none``);
+    * ``--resume-or-start``: the same when there is a checkpoint, else a new run (said on
+      stderr).
+
+    ``extending`` is True when a finished run is resumed with a larger ``epochs``.
+    """
     out = Path(config.out)
-    if not config.resume and ((out / CHECKPOINT_NAME).exists() or (out / DONE_NAME).exists()):
+    checkpoint = out / CHECKPOINT_NAME
+    resuming = config.resume or config.resume_or_start
+    if not resuming and (checkpoint.exists() or (out / DONE_NAME).exists()):
         raise ValueError(
             f"out={config.out!r} already holds a run (checkpoint or done marker); pass --resume "
             "to continue it or choose another --out"
         )
-    if not (config.resume and (out / "config.json").exists()):
-        return False
-    saved = TrainConfig.load(out / "config.json")
-    changed = config.resume_mismatches(saved)
-    if changed:
-        raise ValueError(
-            f"--resume with a different configuration: {changed} differ from "
-            f"{out / 'config.json'}; resume with the saved values (--epochs may only grow, "
-            "and only with --schedule none) or choose another --out"
-        )
-    return config.extends(saved)
+    if not resuming:
+        return None, False
+    if not checkpoint.exists():
+        where = "does not exist" if not out.exists() else f"holds no {CHECKPOINT_NAME}"
+        if config.resume:
+            raise FileNotFoundError(
+                f"--resume, but the run folder {str(out)!r} {where}: nothing to resume. Check "
+                "--out, drop --resume to start a new run, or pass --resume-or-start to start "
+                "one whenever there is no checkpoint"
+            )
+        LOGGER.warning("--resume-or-start: %s %s; starting a new run", out, where)
+        return None, False
+    state = load_checkpoint(checkpoint, map_location="cpu", required_keys=CHECKPOINT_KEYS)
+    saved = [(f"the checkpoint {checkpoint}", TrainConfig.from_dict(state["config"]))]
+    if (out / "config.json").exists():
+        saved.append((str(out / "config.json"), TrainConfig.load(out / "config.json")))
+    for where, previous in saved:
+        changed = config.resume_mismatches(previous)
+        if changed:
+            values = ", ".join(
+                f"{key}: {getattr(previous, key)!r} there, {getattr(config, key)!r} now"
+                for key in changed
+            )
+            raise ValueError(
+                f"--resume with a different configuration: {changed} differ from {where} "
+                f"({values}); resume with the saved values (--epochs may only grow, and only "
+                "with --schedule none) or choose another --out"
+            )
+    return state, config.extends(saved[0][1])
 
 
 def _build_data(config: TrainConfig, rank: int, world_size: int) -> _Data:
@@ -279,10 +352,8 @@ def _build_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int
     return optimizer, scheduler
 
 
-def _restore(path: Path, model, optimizer, scheduler, data: _Data, world_size: int, rank: int):
-    """Load every state of the checkpoint; returns (epoch, metrics rows, timings)."""
-    distributed.barrier()
-    state = load_checkpoint(path, map_location="cpu")
+def _restore(state, model, optimizer, scheduler, data: _Data, world_size: int, rank: int):
+    """Restore every state of a loaded checkpoint; returns (epoch, metrics rows, timings)."""
     if len(state["rank_states"]) != world_size:
         raise ValueError(
             f"the checkpoint was written by {len(state['rank_states'])} processes but "

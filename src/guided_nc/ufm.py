@@ -45,12 +45,14 @@ from guided_nc.models import Classifier, FreeFeatures
 from guided_nc.optim import build_scheduler, orthogonal_init_
 from guided_nc.progress import Progress
 from guided_nc.runfiles import (
+    RunLock,
     atomic_write_json,
     config_digest,
     environment_info,
     mark_done,
     read_done,
     read_json,
+    remove_stale_temporaries,
     run_folder,
     save_npy,
     write_long_csv,
@@ -283,9 +285,15 @@ def _run_is_done(folder: Path, run_config: dict[str, Any]) -> bool:
     if done is None:
         return False
     if done.get("config_digest") != config_digest(run_config):
+        saved = read_json(folder / "config.json")
+        saved = saved.get("config", saved)
+        changed = sorted(key for key in run_config if saved.get(key) != run_config[key])
+        values = ", ".join(
+            f"{key}: {saved.get(key)!r} there, {run_config[key]!r} now" for key in changed
+        )
         raise ValueError(
-            f"{folder} holds a finished run with a different configuration (see its "
-            f"config.json); use another --out folder or delete that run folder"
+            f"{folder} holds a finished run with a different configuration ({values}); use "
+            "another --out folder or delete that run folder"
         )
     return True
 
@@ -298,6 +306,11 @@ def _record_experiment(out_dir: Path, config: UFMConfig) -> None:
     """
     data = config.to_dict()
     path = out_dir / "config.json"
+    with RunLock(out_dir, wait=60.0):  # a parallel invocation may be merging its own request
+        _merge_request(path, data, config)
+
+
+def _merge_request(path: Path, data: dict[str, Any], config: UFMConfig) -> None:
     if path.exists():
         saved = read_json(path).get("config", {})
         data["methods"] = [
@@ -329,16 +342,27 @@ def run_preset(config: UFMConfig, out_dir: str | os.PathLike, progress: bool = T
     ) as bar:
         for method, seed, run_config in pending:
             folder = run_folder(out_dir, method, seed)
-            atomic_write_json(
-                folder / "config.json", {"config": run_config, "environment": environment_info()}
-            )
-            started = time.time()
-            rows, timings, margins = train_run(config, method, seed, bar)
-            write_long_csv(folder / "metrics.csv", rows, UFM_METRICS_FIELDS)
-            write_long_csv(folder / "timings.csv", timings, UFM_TIMINGS_FIELDS)
-            save_npy(folder / "final_margins.npy", margins)
-            mark_done(folder, run_config, time.time() - started)
+            with RunLock(folder):  # another invocation may be training this very run
+                if _run_is_done(folder, run_config):  # it finished while we waited our turn
+                    continue
+                remove_stale_temporaries(folder)
+                _train_into(folder, config, method, seed, run_config, bar)
     return out_dir
+
+
+def _train_into(
+    folder: Path, config: UFMConfig, method: str, seed: int, run_config: dict, bar: Progress
+) -> None:
+    """Train one run and write its folder; the ``done`` marker last."""
+    atomic_write_json(
+        folder / "config.json", {"config": run_config, "environment": environment_info()}
+    )
+    started = time.time()
+    rows, timings, margins = train_run(config, method, seed, bar)
+    write_long_csv(folder / "metrics.csv", rows, UFM_METRICS_FIELDS)
+    write_long_csv(folder / "timings.csv", timings, UFM_TIMINGS_FIELDS)
+    save_npy(folder / "final_margins.npy", margins)
+    mark_done(folder, run_config, time.time() - started)
 
 
 def run_ufm(configs: list[UFMConfig], out: str | os.PathLike, progress: bool = True) -> list[Path]:

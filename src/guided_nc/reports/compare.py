@@ -3,9 +3,10 @@
 Reads what ``guided-nc compare`` writes under ``--out`` (``runs/<method>/seed<k>/{config.json,
 metrics.csv, summary.json, done}`` and ``timing.json``); never trains. Writes::
 
-    tables.md, tables.tex    top-1 median [range] (Tables 1-2) and cost per step (Table 3);
-                             tables.tex needs \\usepackage{booktabs}
-    figures/*.png            accuracy and NC metrics over epochs (median line, min-max band)
+    tables.md, tables.tex    top-1 median [range] (Tables 1-2), NC metrics (train and test)
+                             and cost per step (Table 3); tables.tex needs \\usepackage{booktabs}
+    figures/*.png            accuracy, and NC metrics of the train and the test split, over
+                             epochs (median line, min-max band)
     report.md                everything above in one page
 """
 
@@ -14,14 +15,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from guided_nc.config import POOL_FREE_FIELDS
 from guided_nc.methods import METHOD_VARIANTS, method_label
 from guided_nc.reports.figures import plot_median_bands, save_figure, series_from_rows
 from guided_nc.reports.tables import format_median_range, latex_table, markdown_table
 from guided_nc.runfiles import atomic_write_text, find_runs, read_json
 
-__all__ = ["NC_FIGURE_METRICS", "write_report"]
+__all__ = ["NC_FIGURE_METRICS", "NC_TABLE_METRICS", "write_report"]
 
-#: Metrics drawn in the NC figure (train split), with whether to use a log y-axis.
+#: Metrics of the NC tables (train and test split), with their column titles.
+NC_TABLE_METRICS = (
+    ("nc1", "NC1"),
+    ("nc2_w", "NC2 (W)"),
+    ("nc3", "NC3"),
+    ("equinorm", "equinorm"),
+    ("margin_mean", "margin (mean)"),
+)
+
+#: Metrics drawn in the NC figures (one per split), with whether to use a log y-axis.
 NC_FIGURE_METRICS = (
     ("nc1", "NC1: tr(Σ_W Σ_B⁺)/K", True),
     ("nc2_w", "NC2 (classifier)", True),
@@ -115,6 +126,96 @@ def _cost_table(
     return header, rows
 
 
+def _run_name(run: dict[str, Any]) -> str:
+    return f"{run['method']} seed {run['seed']}"
+
+
+def _pooled_configuration(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The configuration every run shares; ValueError if they differ in anything that
+    :data:`guided_nc.config.POOL_FREE_FIELDS` does not allow (medians over runs trained with
+    other settings would be silently wrong)."""
+    free = set(POOL_FREE_FIELDS)
+    if all(run["config"].get("schedule", "none") == "none" for run in runs):
+        free.add("epochs")
+    keys = sorted({key for run in runs for key in run["config"]} - free)
+    differing = {}
+    for key in keys:
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            values.setdefault(repr(run["config"].get(key)), []).append(_run_name(run))
+        if len(values) > 1:
+            differing[key] = values
+    if differing:
+        lines = "; ".join(
+            f"{key}: "
+            + ", ".join(f"{value} ({', '.join(names)})" for value, names in found.items())
+            for key, found in differing.items()
+        )
+        raise ValueError(
+            f"the runs of this comparison were trained with different settings ({lines}); a "
+            "table pools runs that differ only in method and seed: move the odd runs to their "
+            "own --out"
+        )
+    return {key: runs[0]["config"].get(key) for key in keys}
+
+
+def _epochs_by_run(runs: list[dict[str, Any]]) -> str:
+    """``"standard seed 0, fixed seed 0: [1, 2]; implicit seed 0: [1, 2, 3]"``."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for run in runs:
+        epochs = tuple(sorted(row["epoch"] for row in run["rows"]))
+        groups.setdefault(epochs, []).append(_run_name(run))
+    return "; ".join(f"{', '.join(names)}: {list(epochs)}" for epochs, names in groups.items())
+
+
+def _table_epochs(
+    runs: list[dict[str, Any]], requested: tuple[int, ...] | None
+) -> tuple[list[int], list[str]]:
+    """The epochs of the tables, and notes on runs that lack some of them.
+
+    Default: the first and the last epoch every run evaluated. Errors (never a crash or a
+    silent all-"n/a" table) say which epochs each run has.
+    """
+    evaluated = [{row["epoch"] for row in run["rows"]} for run in runs]
+    if requested:
+        never = [epoch for epoch in requested if not any(epoch in mine for mine in evaluated)]
+        if never:
+            raise ValueError(
+                f"--table-epochs {never}: no run evaluated those epochs (the runs evaluated "
+                f"{_epochs_by_run(runs)}); choose epochs from those lists"
+            )
+        notes = [
+            f"{_run_name(run)} has no evaluation at epoch(s) {missing} (counted as missing)."
+            for run, mine in zip(runs, evaluated, strict=True)
+            if (missing := [epoch for epoch in requested if epoch not in mine])
+        ]
+        return list(requested), notes
+    shared = sorted(set.intersection(*evaluated))
+    if not shared:
+        raise ValueError(
+            f"the runs share no evaluated epoch ({_epochs_by_run(runs)}); pass --table-epochs "
+            "with epochs from those lists, or rerun the runs with a common --eval-epochs"
+        )
+    return sorted({shared[0], shared[-1]}), []
+
+
+def _nc_table(
+    runs: list[dict[str, Any]], methods: list[str], epochs: list[int], split: str
+) -> tuple[list[str], list[list[str]]]:
+    """NC metrics at the table epochs, median [min, max] over seeds, for one split."""
+    header = ["method", "epoch", *(title for _, title in NC_TABLE_METRICS)]
+    rows = []
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        for epoch in epochs:
+            row = [method_label(method), str(epoch)]
+            for key, _ in NC_TABLE_METRICS:
+                values = [_value_at(run["rows"], epoch, f"{split}_{key}") for run in mine]
+                row.append(format_median_range(values, fmt="{:.3g}"))
+            rows.append(row)
+    return header, rows
+
+
 def _figures(out: Path, runs: list[dict[str, Any]], methods: list[str]) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -142,19 +243,20 @@ def _figures(out: Path, runs: list[dict[str, Any]], methods: list[str]) -> list[
             log_y=key == "train_loss",
         )
     paths.append(save_figure(figure, figures / "accuracy.png"))
-    figure, axes = plt.subplots(
-        1, len(NC_FIGURE_METRICS), figsize=(5 * len(NC_FIGURE_METRICS), 3.8)
-    )
-    for ax, (key, title, log_y) in zip(axes, NC_FIGURE_METRICS, strict=True):
-        plot_median_bands(
-            series_from_rows(long_rows, "epoch", f"train_{key}", "method", "seed"),
-            ax=ax,
-            title=f"{title}, train",
-            xlabel="epoch",
-            marker="o",
-            log_y=log_y,
+    for split, name in (("train", "nc_metrics.png"), ("test", "nc_metrics_test.png")):
+        figure, axes = plt.subplots(
+            1, len(NC_FIGURE_METRICS), figsize=(5 * len(NC_FIGURE_METRICS), 3.8)
         )
-    paths.append(save_figure(figure, figures / "nc_metrics.png"))
+        for ax, (key, title, log_y) in zip(axes, NC_FIGURE_METRICS, strict=True):
+            plot_median_bands(
+                series_from_rows(long_rows, "epoch", f"{split}_{key}", "method", "seed"),
+                ax=ax,
+                title=f"{title}, {split}",
+                xlabel="epoch",
+                marker="o",
+                log_y=log_y,
+            )
+        paths.append(save_figure(figure, figures / name))
     return paths
 
 
@@ -162,7 +264,12 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
     """Read the finished runs under ``out`` and write tables, figures and ``report.md``.
 
     Only reads files (``runs/*/*/{config.json,metrics.csv,summary.json,done}``, ``timing.json``).
-    Returns the path of ``report.md``. Raises ValueError when no finished run exists.
+    Returns the path of ``report.md``.
+
+    Raises:
+        ValueError: no finished run; runs trained with settings that differ in more than the
+            method and the seed; runs that share no evaluated epoch, or ``table_epochs`` that
+            no run evaluated (the message lists each run's epochs).
     """
     out = Path(out)
     runs = _load_runs(out) if (out / "runs").is_dir() else []
@@ -171,24 +278,35 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
             f"no finished run (folder with a 'done' marker) under {str(out / 'runs')!r}; "
             "run guided-nc compare without --report-only first"
         )
+    pooled = _pooled_configuration(runs)
     methods = [m for m in METHOD_VARIANTS if any(run["method"] == m for run in runs)]
-    evaluated = sorted(set.intersection(*({row["epoch"] for row in run["rows"]} for run in runs)))
-    epochs = list(table_epochs) if table_epochs else sorted({evaluated[0], evaluated[-1]})
+    epochs, notes = _table_epochs(runs, table_epochs)
     timing_path = out / "timing.json"
     timing = read_json(timing_path) if timing_path.exists() else None
     config = runs[0]["config"]
 
     accuracy = _accuracy_table(runs, methods, epochs)
     cost = _cost_table(runs, methods, timing)
+    nc_tables = {split: _nc_table(runs, methods, epochs, split) for split in ("train", "test")}
     caption = (
         f"{config['dataset']} / {config['model']}: top-1 accuracy (%), median [min, max] over seeds"
     )
+    nc_caption = "neural-collapse metrics, median [min, max] over seeds"
     tables_md = (
         f"### Accuracy ({caption})\n\n{markdown_table(*accuracy)}\n"
-        f"### Cost per training step\n\n{markdown_table(*cost)}"
+        + "".join(
+            f"### NC metrics, {split} split ({nc_caption})\n\n{markdown_table(*table)}\n"
+            for split, table in nc_tables.items()
+        )
+        + f"### Cost per training step\n\n{markdown_table(*cost)}"
     )
-    tables_tex = latex_table(*accuracy, caption=caption, label="tab:accuracy") + latex_table(
-        *cost, caption="Time per step and peak memory per head", label="tab:cost"
+    tables_tex = (
+        latex_table(*accuracy, caption=caption, label="tab:accuracy")
+        + "".join(
+            latex_table(*table, caption=f"{split} split: {nc_caption}", label=f"tab:nc-{split}")
+            for split, table in nc_tables.items()
+        )
+        + latex_table(*cost, caption="Time per step and peak memory per head", label="tab:cost")
     )
     atomic_write_text(out / "tables.md", tables_md)
     atomic_write_text(out / "tables.tex", tables_tex)
@@ -202,21 +320,27 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
             f"head, device {timing['device']}, {timing['threads']} threads; memory "
             f"= {next(iter(timing['heads'].values()))['memory_kind']}.\n"
         )
+    settings = ", ".join(f"{key}={value}" for key, value in pooled.items())
     lines = [
         f"# Comparison: {config['dataset']} / {config['model']}",
         "",
         f"Optimiser {config['optimizer']}"
         + (f" (gain {config['gain']})" if config["optimizer"] == "agd" else f" (lr {config['lr']})")
-        + f", {config['epochs']} epochs, batch {config['batch_size']}, tau "
-        f"{config['temperature']}, seeds {seeds}, {len(runs)} finished runs. "
-        "Stratified batches: all methods see the same batches at a seed.",
+        + f", {max(run['config']['epochs'] for run in runs)} epochs, batch "
+        f"{config['batch_size']}, tau {config['temperature']}, seeds {seeds}, {len(runs)} "
+        "finished runs. Stratified batches: all methods see the same batches at a seed.",
         "",
+        f"Pooled configuration (every run shares it; they differ only in method and seed): "
+        f"{settings}.",
+        "",
+        *[f"Note: {note}" for note in notes],
         tables_md,
         "",
         "Training-run time per step is the median over the run's epochs of the per-epoch median; "
         "peak memory is CUDA max-allocated on a GPU and the process's max RSS on a CPU (runs "
         "share one process in `compare`, so on a CPU it is cumulative). The bench columns time "
-        "every head in one process on one real batch, interleaved.",
+        "every head in one process on one real batch, interleaved. `tables.tex` needs "
+        "`\\usepackage{booktabs}`.",
         machine,
         *[f"![{path.stem}](figures/{path.name})" for path in figures],
         "",

@@ -57,6 +57,25 @@ __all__ = [
 BOUND_FACTOR = 1.01
 
 
+def _check_poolable(runs) -> None:
+    """ValueError unless the runs differ only in method and seed (the summaries pool them)."""
+    keys = sorted({key for run in runs for key in run.config} - {"method", "seed"})
+    differing = []
+    for key in keys:
+        values = {}
+        for run in runs:
+            values.setdefault(repr(run.config.get(key)), []).append(f"{run.method} seed {run.seed}")
+        if len(values) > 1:
+            shown = ", ".join(f"{value} ({', '.join(who)})" for value, who in values.items())
+            differing.append(f"{key}: {shown}")
+    if differing:
+        raise ValueError(
+            f"the finished runs were trained with different settings ({'; '.join(differing)}); "
+            "a report pools runs that differ only in method and seed: move the odd runs to "
+            "their own --out"
+        )
+
+
 def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
     """Concatenate every finished run of a preset folder into ``metrics.csv``, ``timings.csv``
     and ``final_margins.npz`` at its top (method order of
@@ -75,6 +94,7 @@ def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
         raise ValueError(
             f"{out_dir} holds no finished runs (runs/<method>/seed<s>/done); run them first"
         )
+    _check_poolable(finished)
     metrics, timings, margins = [], [], {}
     for run in finished:
         metrics += run.rows()
