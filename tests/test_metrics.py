@@ -8,13 +8,16 @@ library (the ETF distance is evaluated as the Procrustes objective, not the nucl
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 
+from guided_nc import distributed
 from guided_nc.etf import simplex_etf
 from guided_nc.metrics import (
     MARGIN_QUANTILES,
@@ -277,7 +280,8 @@ def test_float32_inputs_accumulate_in_float64():
     metric = NeuralCollapseMetrics(num_classes, dim, max_kept_samples=0)
     for chunk in torch.split(torch.arange(len(labels)), 1000):
         metric.update(features[chunk], labels[chunk])
-    assert all(buffer.dtype == torch.float64 for buffer in metric.buffers())
+    statistics = [v for v in metric.metric_state.values() if isinstance(v, torch.Tensor)]
+    assert len(statistics) == 9 and all(value.dtype == torch.float64 for value in statistics)
     result = metric.compute(weight)
     expected = brute_force_metrics(features, labels, num_classes, weight)
     for key in ["nc1", "nc2_h", "nc3", "cv_h", "etf_distance", "bias_collapse"]:
@@ -364,8 +368,9 @@ def test_memory_cap_drops_per_sample_measures_with_a_warning():
     capped = NeuralCollapseMetrics(3, 4, max_kept_samples=20)
     capped.update(features[:20], labels[:20], logits[:20])
     assert capped.num_kept_samples == 20
-    with pytest.warns(UserWarning, match="collect_metrics"):
+    with pytest.warns(UserWarning, match="collect_metrics") as record:
         capped.update(features[20:], labels[20:], logits[20:])
+    assert record[0].filename == __file__  # the warning points at the caller's update()
     assert capped.num_kept_samples == 0
     with pytest.warns(UserWarning, match="max_kept_samples=20.*collect_metrics"):
         result = capped.compute(weight, bias)
@@ -415,6 +420,275 @@ def test_pure_functions_against_direct_formulas():
     assert torch.equal(nearest_class_centre(features, means), expected)
     gram = torch.randn(4, 4, generator=generator, dtype=torch.float64)
     assert etf_gram_deviation(3.0 * gram).item() == pytest.approx(etf_gram_deviation(gram).item())
+
+
+# --- torchmetrics integration ---------------------------------------------------------------------
+
+CLASS_MEAN_KEYS = ["nc1", "nc2_h", "nc3", "cv_h", "equinorm", "etf_distance", "ncc_mismatch"]
+
+
+def _tensor_states(metric):
+    return {k: v for k, v in metric.metric_state.items() if isinstance(v, torch.Tensor)}
+
+
+def test_is_a_torchmetrics_metric_whose_compute_follows_its_classifier():
+    # compute(weight, bias) depends on its arguments: torchmetrics' result cache must not return
+    # the first classifier's numbers for the second.
+    features, labels, weight, bias, logits = random_problem(4, 5, [9, 8, 7, 10], seed=30)
+    metric = NeuralCollapseMetrics(4, 5)
+    assert isinstance(metric, torchmetrics.Metric)
+    metric.update(features, labels, logits)
+    other = torch.flip(weight, dims=[1])
+    assert_metrics_close(
+        metric.compute(weight, bias), brute_force_metrics(features, labels, 4, weight, bias, logits)
+    )
+    assert_metrics_close(
+        metric.compute(other), brute_force_metrics(features, labels, 4, other, None, logits)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_returns_the_batch_metrics_and_accumulates_the_split(dtype):
+    num_classes, dim = 4, 5
+    features, labels, weight, bias, logits = random_problem(num_classes, dim, [9, 8, 7, 10], 31)
+    features, logits = features.to(dtype), logits.to(dtype)
+    every_class = torch.arange(16)  # 16 random samples: every class is in there
+    assert len(labels[every_class].unique()) == num_classes
+    lacking = torch.nonzero(labels[16:] != 2).flatten() + 16  # every other sample but class 2
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    batch = metric(features[every_class], labels[every_class], logits[every_class])
+    expected = brute_force_metrics(
+        features[every_class], labels[every_class], num_classes, logits=logits[every_class]
+    )
+    assert_metrics_close(batch, expected)
+    # A batch without class 2: the keys that need every class mean are NaN, not an error.
+    batch = metric(features[lacking], labels[lacking], logits[lacking])
+    z, y = logits[lacking].double().numpy(), labels[lacking].numpy()
+    assert batch["acc1"] == pytest.approx(100.0 * np.mean(z.argmax(axis=1) == y), abs=1e-12)
+    assert batch["n"] == len(lacking)
+    for key in CLASS_MEAN_KEYS + WEIGHT_KEYS + PER_SAMPLE_KEYS:
+        assert math.isnan(batch[key]), key
+    # An empty batch: n = 0, the state does not move.
+    before = {k: v.clone() for k, v in metric.state_dict().items()}
+    empty = metric(features[:0], labels[:0], logits[:0])
+    assert empty["n"] == 0.0 and math.isnan(empty["nc1"]) and math.isnan(empty["acc1"])
+    assert all(torch.equal(v, before[k]) for k, v in metric.state_dict().items())
+    # The state accumulated every batch given to forward (class-2 samples of the first 16 only).
+    seen = torch.cat([every_class, lacking])
+    truth = brute_force_metrics(
+        features[seen], labels[seen], num_classes, weight, bias, logits[seen]
+    )
+    assert_metrics_close(metric.compute(weight, bias), truth)
+
+
+def test_metric_collection_shares_the_kept_features_of_a_compute_group():
+    num_classes, dim = 5, 6
+    features, labels, weight, bias, logits = random_problem(
+        num_classes, dim, [11, 9, 13, 8, 10], seed=32, dtype=torch.float32
+    )
+    collection = torchmetrics.MetricCollection(
+        {
+            "first": NeuralCollapseMetrics(num_classes, dim),
+            "second": NeuralCollapseMetrics(num_classes, dim),
+            "statistics_only": NeuralCollapseMetrics(num_classes, dim, max_kept_samples=0),
+        }
+    )
+    chunks = torch.split(torch.arange(len(labels)), 12)
+    collection.update(features[chunks[0]], labels[chunks[0]], logits[chunks[0]])
+    # Identical states after the first batch: torchmetrics updates only "first" and shares its
+    # states (kept features included) with "second".
+    assert sorted(map(sorted, collection.compute_groups.values())) == [
+        ["first", "second"],
+        ["statistics_only"],
+    ]
+    # forward calls every member, each adding the batch once (shared states are not added twice).
+    batch = collection(features[chunks[1]], labels[chunks[1]], logits[chunks[1]])
+    assert batch["first_n"] == batch["second_n"] == len(chunks[1])
+    for chunk in chunks[2:]:
+        collection.update(features[chunk], labels[chunk], logits[chunk])
+    results = collection.compute()  # no classifier: its keys are NaN, NCC uses the logits
+    expected = brute_force_metrics(features, labels, num_classes, logits=logits)
+    for name in ("first", "second"):
+        assert_metrics_close({k: results[f"{name}_{k}"] for k in expected}, expected)
+    statistics_only = {k: results[f"statistics_only_{k}"] for k in expected}
+    for key in PER_SAMPLE_KEYS:
+        assert math.isnan(statistics_only[key]), key
+        expected[key] = math.nan
+    assert_metrics_close(statistics_only, expected)
+    full = collection["second"].compute(weight, bias)
+    assert_metrics_close(
+        full, brute_force_metrics(features, labels, num_classes, weight, bias, logits)
+    )
+
+
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda m: m.half(),
+        lambda m: m.float(),
+        lambda m: m.double(),
+        lambda m: m.bfloat16(),
+        lambda m: m.type(torch.float16),
+        lambda m: m.to(torch.float16),
+        lambda m: m.to(dtype=torch.bfloat16),
+        lambda m: m.to("cpu", torch.float32),
+    ],
+    ids=["half", "float", "double", "bfloat16", "type", "to-half", "to-bf16", "to-cpu-float"],
+)
+def test_statistics_stay_float64_when_the_parent_module_is_cast(cast):
+    num_classes, dim = 3, 4
+    features, labels, weight, bias, logits = random_problem(
+        num_classes, dim, [10, 12, 9], seed=33, dtype=torch.float32
+    )
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    parent = torch.nn.ModuleDict({"metric": metric})
+    metric.update(features[:15], labels[:15], logits[:15])
+    before = {k: v.clone() for k, v in _tensor_states(metric).items()}
+    cast(parent)
+    after = _tensor_states(metric)
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert value.dtype == torch.float64 and torch.equal(value, before[key]), key
+    assert metric.kept_features[0].dtype == torch.float32  # kept in the input dtype
+    assert torch.equal(metric.kept_features[0], features[:15])
+    assert metric.dtype == torch.float64
+    metric.update(features[15:], labels[15:], logits[15:])
+    truth = brute_force_metrics(features, labels, num_classes, weight, bias, logits)
+    assert_metrics_close(metric.compute(weight, bias), truth)
+    metric.reset()  # the defaults were not cast either
+    assert all(value.dtype == torch.float64 for value in _tensor_states(metric).values())
+    metric.update(features, labels, logits)
+    assert_metrics_close(metric.compute(weight, bias), truth)
+
+
+def test_set_dtype_warns_and_changes_nothing():
+    features, labels, _, _, _ = random_problem(3, 4, [5, 5, 5], seed=34)
+    metric = NeuralCollapseMetrics(3, 4)
+    metric.update(features, labels)
+    before = {k: v.clone() for k, v in _tensor_states(metric).items()}
+    with pytest.warns(UserWarning, match=r"set_dtype\(torch.float16\) leaves .* float64"):
+        collection = torchmetrics.MetricCollection({"nc": metric}).set_dtype(torch.float16)
+    assert collection["nc"] is not None
+    for key, value in _tensor_states(metric).items():
+        assert value.dtype == torch.float64 and torch.equal(value, before[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metric.set_dtype(torch.float64)  # asking for float64 is not worth a warning
+
+
+def test_sync_converts_to_the_common_shift_and_unsync_restores_the_local_state():
+    # One process whose sync is forced (all_reduce_sum is the identity without a group): after
+    # the conversion the shifts are the class means, the shifted sums vanish and the second
+    # moment is the within-class scatter N Sigma_W, all checked against numpy.
+    num_classes, dim = 4, 5
+    features, labels, _, _, logits = random_problem(num_classes, dim, [12, 9, 14, 7], seed=35)
+    metric = NeuralCollapseMetrics(num_classes, dim)
+    for chunk in torch.split(torch.arange(len(labels)), 6):  # first-batch shifts != the means
+        metric.update(features[chunk], labels[chunk], logits[chunk])
+    local = {k: v.clone() for k, v in _tensor_states(metric).items()}
+    h, y = features.numpy(), labels.numpy()
+    means = np.stack([h[y == k].mean(axis=0) for k in range(num_classes)])
+    scatter = sum(np.outer(h[i] - means[y[i]], h[i] - means[y[i]]) for i in range(len(y)))
+    assert np.abs(local["class_shifts"].numpy() - means).max() > 1e-3
+    metric.sync(distributed_available=lambda: True)
+    np.testing.assert_allclose(metric.class_shifts.numpy(), means, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(metric.shifted_class_sums.numpy(), 0.0, atol=1e-13)
+    np.testing.assert_allclose(metric.shifted_second_moment.numpy(), scatter, rtol=1e-12)
+    assert torch.equal(metric.class_counts, local["class_counts"])
+    with pytest.raises(torchmetrics.utilities.exceptions.TorchMetricsUserError, match="unsync"):
+        metric(features[:4], labels[:4], logits[:4])
+    metric.unsync()
+    for key, value in _tensor_states(metric).items():
+        assert torch.equal(value, local[key]), key
+
+
+def test_restored_samples_warning_says_what_happened():
+    # Issue 11 item 2: 200 samples restored from a state_dict, the default cap of 100000.
+    features, labels, weight, bias, logits = random_problem(4, 5, [50] * 4, seed=36)
+    saved = NeuralCollapseMetrics(4, 5)
+    saved.update(features, labels, logits)
+    restored = NeuralCollapseMetrics(4, 5)
+    restored.load_state_dict(saved.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = restored.compute(weight, bias)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert re.search(
+        r"per-sample measures \(ncc_mismatch, margin_\*\) are NaN: 200 samples were restored "
+        r"from a state_dict without their features.*collect_metrics.*update with every batch",
+        message,
+    ), message
+    assert "max_kept_samples" not in message and "exceeded" not in message
+    assert caught[0].filename == __file__  # points at the caller's compute()
+    expected = brute_force_metrics(features, labels, 4, weight, bias, logits)
+    for key in PER_SAMPLE_KEYS:
+        assert math.isnan(result[key]), key
+        expected[key] = math.nan
+    assert_metrics_close(result, expected)
+    # Later batches are not kept (the split's margins would be partial); the message still counts
+    # the restored samples.
+    restored.update(features[:10], labels[:10], logits[:10])
+    assert restored.num_kept_samples == 0
+    with pytest.warns(UserWarning, match=r"NaN: 200 samples were restored") as record:
+        assert math.isnan(restored.compute(weight, bias)["margin_median"])
+    assert len(record) == 1
+    # Updating again from scratch brings the per-sample measures back, silently.
+    restored.reset()
+    restored.update(features, labels, logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = restored.compute(weight, bias)
+    assert_metrics_close(result, brute_force_metrics(features, labels, 4, weight, bias, logits))
+
+
+def test_load_state_dict_checks_shapes_and_copies_as_float64():
+    features, labels, _, _, _ = random_problem(3, 4, [6, 6, 6], seed=37)
+    metric = NeuralCollapseMetrics(3, 4)
+    metric.update(features, labels)
+    state = metric.state_dict()
+    snapshot = {k: v.clone() for k, v in state.items()}
+    # float32 statistics are loaded as float64 copies: updating never writes into `state`.
+    loaded = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    loaded.load_state_dict({k: v.float() for k, v in state.items()})
+    assert all(v.dtype == torch.float64 for v in _tensor_states(loaded).values())
+    loaded.load_state_dict(state)
+    loaded.update(features, labels)
+    assert all(torch.equal(v, snapshot[k]) for k, v in state.items())
+    assert loaded.num_samples == 2 * len(labels)
+    # Another K: rejected, and the metric is unchanged.
+    other = NeuralCollapseMetrics(4, 4)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(
+        RuntimeError,
+        match=r"class_counts has shape \(3,\) but this metric's is \(4,\) \(num_classes=4, "
+        r"dim=4\); build NeuralCollapseMetrics with the num_classes and dim of the saved",
+    ):
+        other.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    incomplete = {k: v for k, v in state.items() if k != "class_shifts"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "class_shifts"'):
+        NeuralCollapseMetrics(3, 4).load_state_dict(incomplete)
+    with pytest.raises(RuntimeError, match=r"class_counts must be a floating-point tensor"):
+        NeuralCollapseMetrics(3, 4).load_state_dict(
+            {**state, "class_counts": state["class_counts"].long()}
+        )
+
+
+def test_torchmetrics_hooks_that_are_not_supported_say_so():
+    features, labels, _, _, _ = random_problem(3, 4, [4, 4, 4], seed=38)
+    metric = NeuralCollapseMetrics(3, 4)
+    metric.update(features, labels)
+    other = NeuralCollapseMetrics(3, 4)
+    other.update(features, labels)
+    with pytest.raises(
+        RuntimeError, match=r"merge_state\(NeuralCollapseMetrics\) is not supported"
+    ):
+        metric.merge_state(other)
+    with pytest.raises(ValueError, match=r"process_group=.*pass process_group=None"):
+        metric.sync(process_group=object(), distributed_available=lambda: True)
+    with pytest.raises(ValueError, match=r"dist_sync_fn=.*pass dist_sync_fn=None"):
+        metric.sync(dist_sync_fn=lambda t, group=None: [t], distributed_available=lambda: True)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -543,3 +817,24 @@ def test_collect_metrics_errors():
     weight = torch.eye(3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"second pass yielded 3 samples but the first 4"):
         collect_metrics(lambda x: x, Shrinking(), 3, weight, progress=False)
+
+
+def test_a_compute_that_fails_while_synced_restores_the_local_states(monkeypatch):
+    # torchmetrics' sync_context does not unsync when compute raises; NeuralCollapseMetrics does.
+    # A one-process "group" (the all-reduce is the identity) drives the synced path of compute.
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensor: tensor)
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    features, labels, weight, bias, logits = random_problem(4, 5, [9, 7, 8, 6], seed=39)
+    metric = NeuralCollapseMetrics(4, 5)
+    for chunk in torch.split(torch.arange(len(labels)), 5):
+        metric.update(features[chunk], labels[chunk], logits[chunk])
+    local = {k: v.clone() for k, v in _tensor_states(metric).items()}
+    with pytest.raises(ValueError, match=r"weight must have shape"):
+        metric.compute(weight.T)
+    for key, value in _tensor_states(metric).items():
+        assert torch.equal(value, local[key]), key
+    expected = brute_force_metrics(features, labels, 4, weight, bias, logits)
+    assert_metrics_close(metric.compute(weight, bias), expected)
+    for key, value in _tensor_states(metric).items():
+        assert torch.equal(value, local[key]), key

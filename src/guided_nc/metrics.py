@@ -3,13 +3,16 @@
 Every measure the paper plots (method.md section 6; definitions, sources and differences from the
 authors' code in ``docs/metrics.md``), computed from a whole split:
 
-* :class:`NeuralCollapseMetrics` - torchmetrics-style ``update(features, labels, logits)`` /
-  ``compute(weight, bias)`` / ``reset()``. NC1-NC3, equinorm, ETF distance, bias collapse and
-  accuracy come from float64 sufficient statistics whose size does not depend on N (class sums
-  K x d, counts, one d x d second moment, correct counts). The per-sample measures (NCC mismatch,
-  cosine margins) need the *final* class means, so the object also keeps the features it has seen,
-  up to ``max_kept_samples`` per process; beyond that cap they are NaN (with a warning) and
-  :func:`collect_metrics` is the route to use.
+* :class:`NeuralCollapseMetrics` - a ``torchmetrics.Metric``: ``update(features, labels, logits)``
+  / ``compute(weight, bias)`` / ``reset()``, ``metric(features, labels, logits)`` (forward: the
+  batch's own metrics), ``MetricCollection``, device moves with a parent module. NC1-NC3,
+  equinorm, ETF distance, bias collapse and accuracy come from float64 sufficient statistics whose
+  size does not depend on N (class sums K x d, counts, one d x d second moment, correct counts),
+  which stay float64 under a parent's ``.half()``/``.to(dtype)``. The per-sample measures (NCC
+  mismatch, cosine margins) need the *final* class means, so the object also keeps the features
+  it has seen, up to ``max_kept_samples`` per process; beyond that cap (or for samples restored
+  from a state_dict) they are NaN, with a warning that says why, and :func:`collect_metrics` is
+  the route to use.
 * :func:`collect_metrics` - two passes over a loader (pass 1: the statistics; pass 2: NCC mismatch
   and margins against the final means), memory independent of N apart from one float64 margin
   per sample. It gives the same numbers as the kept-features route.
@@ -18,25 +21,28 @@ authors' code in ``docs/metrics.md``), computed from a whole split:
   :func:`nearest_class_centre` (NC4), :func:`cosine_margins`, :func:`ce_lower_bound`. The ETF
   distance is :func:`guided_nc.etf.etf_distance`.
 
-Under ``torch.distributed`` each process updates with its shard;
-:meth:`~NeuralCollapseMetrics.compute` sums the statistics over processes through
-:func:`guided_nc.distributed.all_reduce_sum` (one flat float64 buffer), computes the per-sample
-measures of its own samples against the global means, and sums/gathers those, so every rank
-returns identical numbers. ``compute`` is collective: call it on every rank, with the same
-``weight``/``bias``.
+Under ``torch.distributed`` each process updates with its shard; torchmetrics' sync (run by
+:meth:`~NeuralCollapseMetrics.compute`) is :meth:`~NeuralCollapseMetrics._sync_dist`, which
+converts every process's statistics to one common shift and sums them through
+:func:`guided_nc.distributed.all_reduce_sum` (torchmetrics' own all-gather is never called);
+``compute`` then measures the per-sample quantities of its own samples against the global means,
+and sums/gathers those, so every rank returns identical numbers. ``compute`` is collective: call
+it on every rank, with the same ``weight``/``bias``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 from tqdm import tqdm
 
 from guided_nc import distributed
@@ -222,13 +228,25 @@ def cosine_margins(
 
 # --- the stateful metric -----------------------------------------------------------------------
 
+#: Scalar float64 states, in their order in the flat all-reduce buffer of the sync.
+_SCALAR_STATES: tuple[str, ...] = (
+    "correct_top1",
+    "correct_top5",
+    "samples_with_logits",
+    "dropped_samples",
+    "restored_samples",
+)
+
+#: List states: what the per-sample measures need, per kept batch (never synced, not in state_dict).
+_KEPT_STATES: tuple[str, ...] = ("kept_features", "kept_labels", "kept_predictions")
+
 
 @dataclass(frozen=True)
 class _Statistics:
-    """Statistics summed over every process (float64)."""
+    """Statistics of every sample the states cover (float64): one process, or all once synced."""
 
     counts: torch.Tensor  # (K,)
-    class_means: torch.Tensor  # (K, d)
+    class_means: torch.Tensor  # (K, d); NaN rows for classes without samples
     global_mean: torch.Tensor  # (d,)
     within_class_covariance: torch.Tensor  # (d, d)
     num_samples: float
@@ -236,41 +254,172 @@ class _Statistics:
     correct_top5: float
     samples_with_logits: float
     dropped_samples: float
+    restored_samples: float
+
+    @property
+    def every_class_seen(self) -> bool:
+        return bool((self.counts > 0).all().item())
 
 
-class NeuralCollapseMetrics(nn.Module):
-    """Streaming neural-collapse metrics of a split (method.md section 6, ``docs/metrics.md``).
+def _distributed_available() -> bool:
+    """torchmetrics' ``distributed_available_fn``: asks :mod:`guided_nc.distributed` (late-bound,
+    so tests can monkeypatch ``guided_nc.distributed.is_distributed``)."""
+    return distributed.is_distributed()
+
+
+def _reduced_only_by_sync_dist(stacked: torch.Tensor) -> torch.Tensor:
+    """``dist_reduce_fx`` of the states that no state-by-state reduction may touch.
+
+    The class shifts differ between processes (and between a metric and a batch), and the kept
+    features stay on their process; :meth:`NeuralCollapseMetrics._sync_dist` converts every
+    process to a common shift before summing. torchmetrics reduces state by state only in
+    ``_reduce_states`` (``merge_state`` and its own ``forward``) and in its own ``_sync_dist``, all
+    three of which this metric overrides, so reaching this function is a bug.
+    """
+    raise RuntimeError(
+        "a NeuralCollapseMetrics state was reduced on its own (torchmetrics' state-by-state "
+        "reduction); its class shifts and kept features need NeuralCollapseMetrics._sync_dist. "
+        "This is a bug in guided_nc: please report it with your torchmetrics version"
+    )
+
+
+def _sum_over_processes(
+    counts: torch.Tensor,
+    shifts: torch.Tensor,
+    shifted_sums: torch.Tensor,
+    second_moment: torch.Tensor,
+    scalars: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum every process's statistics, after converting them to one common shift (float64).
+
+    Each process r accumulates about its own shifts s_rk (class k's mean in its first local batch),
+    so its shifted sums T_rk = sum (h - s_rk) and second moment C_r = sum (h - s_r)(h - s_r)^T
+    cannot simply be added. Two all-reduces through :func:`guided_nc.distributed.all_reduce_sum`:
+
+    1. the raw class sums ``T_rk + n_rk s_rk`` and the counts ``n_rk`` (K x d + K), giving the
+       global class means c_k, identical on every rank (the same reduced numbers, the same
+       division);
+    2. each process's statistics about c: with ``delta_rk = s_rk - c_k`` (within-class size),
+       ``T'_rk = T_rk + n_rk delta_rk`` and
+       ``C'_r = C_r + T_r^T delta_r + delta_r^T T'_r``, which expands to
+       ``C_r + T^T delta + delta^T T + delta^T diag(n) delta`` = ``sum (h - c)(h - c)^T``.
+       Every term is of the within-class size, so the conversion keeps the shifted formula's
+       stability near collapse. Then one flat buffer (K x d + K + d x d + scalars) is summed.
+
+    Shape: counts (K,), shifts/shifted_sums (K, d), second_moment (d, d), scalars (S,) ->
+    the summed (counts, common shifts c, shifted sums, second moment, scalars), all float64.
+    """
+    num_classes, dim = shifts.shape
+    factory = {"dtype": STATISTICS_DTYPE, "device": counts.device}
+    means_buffer = torch.empty(num_classes * dim + num_classes, **factory)
+    raw_sums, total_counts = torch.split(means_buffer, [num_classes * dim, num_classes])
+    raw_sums = raw_sums.view(num_classes, dim)
+    torch.addcmul(shifted_sums, counts.unsqueeze(1), shifts, out=raw_sums)
+    total_counts.copy_(counts)
+    distributed.all_reduce_sum(means_buffer)
+    common = raw_sums / total_counts.clamp(min=1).unsqueeze(1)  # 0 for classes seen nowhere
+    # Rows of classes this process has not seen carry no samples (n_rk = 0, T_rk = 0).
+    delta = torch.where((counts > 0).unsqueeze(1), shifts - common, 0.0)
+    sizes = [num_classes * dim, num_classes, dim * dim, scalars.numel()]
+    flat = torch.empty(sum(sizes), **factory)
+    sums, flat_counts, moment, flat_scalars = torch.split(flat, sizes)
+    sums, moment = sums.view(num_classes, dim), moment.view(dim, dim)
+    torch.addcmul(shifted_sums, counts.unsqueeze(1), delta, out=sums)  # T' = T + n delta
+    moment.copy_(second_moment)
+    moment.addmm_(shifted_sums.T, delta).addmm_(delta.T, sums)  # C' = C + T^T delta + delta^T T'
+    flat_counts.copy_(counts)
+    flat_scalars.copy_(scalars)
+    distributed.all_reduce_sum(flat)
+    return flat_counts, common, sums, moment, flat_scalars
+
+
+def _missing_features_message(dropped: float, restored: float, cap: int | None) -> str:
+    """Why the per-sample measures are NaN, and what to do (the warning of ``compute``)."""
+    causes = []
+    if restored:
+        causes.append(
+            f"{int(restored)} samples were restored from a state_dict without their features "
+            "(a state_dict holds the statistics, not the features)"
+        )
+    if dropped:
+        causes.append(
+            f"more samples than max_kept_samples={cap} per process were seen, so the kept "
+            f"features of {int(dropped)} samples were dropped"
+        )
+    return (
+        "the per-sample measures (ncc_mismatch, margin_*) are NaN: "
+        + "; ".join(causes)
+        + ". Use guided_nc.metrics.collect_metrics (two passes over the loader)"
+        + (
+            ", or reset() and update with every batch again."
+            if restored
+            else ", or raise max_kept_samples."
+        )
+    )
+
+
+class NeuralCollapseMetrics(Metric):
+    """Streaming neural-collapse metrics of a split, as a ``torchmetrics.Metric`` (method.md
+    section 6, ``docs/metrics.md``).
 
     Call :meth:`update` per batch with the head's normalised features ``h`` (the caller decides
     which features), the labels and optionally the network's logits, then :meth:`compute` with the
-    classifier. Statistics are float64 whatever the input dtype:
+    classifier, and :meth:`reset` to start again. Being a torchmetrics ``Metric``, it also works
+    as ``metric(h, labels, logits)`` (:meth:`forward`: accumulate, and return the batch's own
+    metrics), inside a ``torchmetrics.MetricCollection`` and as a child module of a model (moved
+    between devices with it; state_dict round-trips).
+
+    States (torchmetrics ``add_state``), float64 whatever the input dtype; a parent's
+    ``.half()``/``.float()``/``.bfloat16()``/``.to(dtype)`` and :meth:`set_dtype` leave them
+    float64 (only device moves apply):
 
     * ``class_counts`` (K,), ``class_shifts`` (K, d), ``shifted_class_sums`` (K, d) and
       ``shifted_second_moment`` (d, d) = ``sum_i (h_i - s_{y_i})(h_i - s_{y_i})^T``, where the
       shift ``s_k`` is the mean of class k in the first batch that contained it. Shifting by a
       class-mean estimate keeps ``Sigma_W = (1/N)[sum (h - s)(h - s)^T - sum_k T_k T_k^T / n_k]``
       free of the cancellation that ``sum h h^T - sum n_k mu_k mu_k^T`` suffers near collapse
-      (both terms ~ tau^2, their difference ~ the tiny within-class spread).
-    * ``correct_top1``, ``correct_top5``, ``samples_with_logits`` (scalars) for accuracy.
+      (both terms ~ tau^2, their difference ~ the tiny within-class spread). The shifts differ
+      between processes, so these are not summed as they are: :meth:`_sync_dist` first converts
+      every process to one common shift (the global class means), then sums
+      (``dist_reduce_fx="sum"``); ``class_shifts`` becomes that common shift.
+    * ``correct_top1``, ``correct_top5``, ``samples_with_logits``, ``dropped_samples`` (scalars,
+      summed) and ``restored_samples`` (summed, not in ``state_dict``).
+    * ``kept_features``, ``kept_labels``, ``kept_predictions`` (lists of per-batch tensors, never
+      synced, not in ``state_dict``).
 
-    Their size does not depend on N. Per-sample measures (``ncc_mismatch``, ``margin_*``) need the
-    final class means, so the features (in their input dtype), labels and logit predictions of up
-    to ``max_kept_samples`` samples per process are also kept (not part of ``state_dict``). Past
-    the cap they are dropped, a warning is issued, and those keys are NaN: use
+    The statistics' size does not depend on N. Per-sample measures (``ncc_mismatch``,
+    ``margin_*``) need the final class means, so the features (in their input dtype), labels and
+    logit predictions of up to ``max_kept_samples`` samples per process are also kept. Past the
+    cap they are dropped, a warning is issued, and those keys are NaN: use
     :func:`collect_metrics` (two passes) for large splits. ``max_kept_samples=0`` turns the
-    per-sample measures off without a warning.
+    per-sample measures off without a warning. After ``load_state_dict`` the loaded samples have
+    no kept features either: those keys are NaN, with a warning that says so.
+
+    Under ``torch.distributed``, :meth:`compute` (and torchmetrics' ``sync``/``sync_context``)
+    syncs through :meth:`_sync_dist`, which converts every process's statistics to a common shift
+    and sums them with :func:`guided_nc.distributed.all_reduce_sum` (torchmetrics' own all-gather
+    is never used); the per-sample measures are then measured on each process's own kept samples
+    against the global means and summed/gathered, so every rank returns identical numbers, equal to
+    one process given all the data. ``compute`` is collective: call it on every rank, with the same
+    ``weight``/``bias``.
 
     Args:
         num_classes: K >= 2.
         dim: d >= 1, the feature width.
         max_kept_samples: cap on kept samples per process (``None``: no cap). The default, 100000,
             holds CIFAR's training set (100000 x 512 float32 features = 205 MB).
-        device: where the statistics live (features are moved there).
+        device: where the states live (features are moved there); ``metric.to(device)`` also works.
 
     Shape:
-        update: features (B, d) float, labels (B,) int in [0, K), logits (B, K) float or None.
+        update / forward: features (B, d) float, labels (B,) int in [0, K), logits (B, K) float or
+        None.
         compute: weight (K, d) float or None, bias (K,) float or None -> ``dict[str, float]``.
     """
+
+    is_differentiable = False
+    higher_is_better = None
+    #: ``update`` reads the state (a class's shift is set by the first batch that contains it).
+    full_state_update = True
 
     def __init__(
         self,
@@ -291,22 +440,38 @@ class NeuralCollapseMetrics(nn.Module):
             raise ValueError(
                 f"max_kept_samples={max_kept_samples!r} must be an integer >= 0 or None (no cap)"
             )
-        super().__init__()
+        # compute(weight, bias) depends on its arguments: torchmetrics' result cache would return
+        # the first call's numbers for another classifier, so it is off.
+        super().__init__(compute_with_cache=False, distributed_available_fn=_distributed_available)
         self.num_classes = num_classes
         self.dim = dim
         self.max_kept_samples = max_kept_samples
-        factory = {"dtype": STATISTICS_DTYPE, "device": device}
-        self.register_buffer("class_counts", torch.zeros(num_classes, **factory))
-        self.register_buffer("class_shifts", torch.zeros(num_classes, dim, **factory))
-        self.register_buffer("shifted_class_sums", torch.zeros(num_classes, dim, **factory))
-        self.register_buffer("shifted_second_moment", torch.zeros(dim, dim, **factory))
-        self.register_buffer("correct_top1", torch.zeros((), **factory))
-        self.register_buffer("correct_top5", torch.zeros((), **factory))
-        self.register_buffer("samples_with_logits", torch.zeros((), **factory))
-        self.register_buffer("dropped_samples", torch.zeros((), **factory))
-        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._num_kept = 0
-        self.register_load_state_dict_post_hook(_forget_kept_features)
+        self._dtype = STATISTICS_DTYPE
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=STATISTICS_DTYPE)
+
+        self.add_state("class_counts", zeros(num_classes), dist_reduce_fx="sum", persistent=True)
+        self.add_state(
+            "class_shifts",
+            zeros(num_classes, dim),
+            dist_reduce_fx=_reduced_only_by_sync_dist,
+            persistent=True,
+        )
+        self.add_state(
+            "shifted_class_sums", zeros(num_classes, dim), dist_reduce_fx="sum", persistent=True
+        )
+        self.add_state(
+            "shifted_second_moment", zeros(dim, dim), dist_reduce_fx="sum", persistent=True
+        )
+        for name in _SCALAR_STATES:
+            self.add_state(
+                name, zeros(), dist_reduce_fx="sum", persistent=name != "restored_samples"
+            )
+        for name in _KEPT_STATES:
+            self.add_state(name, [], dist_reduce_fx=_reduced_only_by_sync_dist, persistent=False)
+        if device is not None:
+            self.to(device)
 
     def extra_repr(self) -> str:
         return (
@@ -316,26 +481,21 @@ class NeuralCollapseMetrics(nn.Module):
 
     @property
     def num_samples(self) -> int:
-        """Samples seen by this process since the last :meth:`reset`."""
+        """Samples seen by this process since the last :meth:`reset` (all of them while synced)."""
         return int(self.class_counts.sum().item())
 
     @property
     def num_kept_samples(self) -> int:
         """Samples whose features this process currently keeps for the per-sample measures."""
-        return self._num_kept
+        return sum(int(features.shape[0]) for features in self.kept_features)
 
-    def reset(self) -> None:
-        """Forget every sample (statistics and kept features)."""
-        for buffer in self.buffers():
-            buffer.zero_()
-        self._kept = []
-        self._num_kept = 0
-
-    @torch.no_grad()
     def update(
         self, features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
     ) -> None:
         """Add one batch. Validates everything first: a rejected batch leaves the state unchanged.
+
+        Sums are float64 (features and logits are converted before any arithmetic). torchmetrics'
+        update wrapper runs this without autograd (and inputs are detached).
 
         Args:
             features: (B, d) floating, finite; the head's normalised features.
@@ -379,32 +539,38 @@ class NeuralCollapseMetrics(nn.Module):
     def _keep(
         self, features: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor | None
     ) -> None:
+        if self.restored_samples.item() > 0:
+            return  # restored samples have no features: the per-sample measures are NaN anyway
         batch = features.shape[0]
         cap = self.max_kept_samples
-        if self.dropped_samples.item() == 0 and (cap is None or self._num_kept + batch <= cap):
+        kept = self.num_kept_samples
+        if self.dropped_samples.item() == 0 and (cap is None or kept + batch <= cap):
             # copy=True: never alias the caller's tensor (the release's CPU aliasing bug, item 25).
             device = self.class_counts.device
-            kept_features = features.detach().to(device=device, copy=True)
-            self._kept.append((kept_features, labels.clone(), predictions))
-            self._num_kept += batch
+            self.kept_features.append(features.detach().to(device=device, copy=True))
+            self.kept_labels.append(labels.clone())
+            if predictions is not None:
+                self.kept_predictions.append(predictions)
             return
         if cap != 0 and self.dropped_samples.item() == 0:
             warnings.warn(
                 f"NeuralCollapseMetrics keeps at most max_kept_samples={cap} samples per process "
-                f"and has now seen {self._num_kept + batch}; the kept features are dropped and "
+                f"and has now seen {kept + batch}; the kept features are dropped and "
                 "ncc_mismatch and margin_* will be NaN. Use guided_nc.metrics.collect_metrics "
                 "(two passes over the loader) or raise max_kept_samples.",
-                stacklevel=3,
+                stacklevel=4,  # _keep < update < torchmetrics' update wrapper < the caller
             )
-        self.dropped_samples.add_(self._num_kept + batch)
-        self._kept = []
-        self._num_kept = 0
+        self.dropped_samples.add_(kept + batch)
+        for name in _KEPT_STATES:
+            getattr(self, name).clear()
 
-    @torch.no_grad()
     def compute(
         self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Every metric of the samples seen on all processes (collective under torch.distributed).
+
+        torchmetrics syncs the states (:meth:`_sync_dist`) before this runs and restores this
+        process's own states after; all arithmetic is float64.
 
         Args:
             weight: the classifier W, (K, d) floating, or None: then ``nc2_w``, ``nc3``, ``cv_w``,
@@ -422,86 +588,262 @@ class NeuralCollapseMetrics(nn.Module):
             RuntimeError: no sample was seen on any process.
             ValueError: a class has no samples; weight or bias of the wrong shape or non-finite.
         """
+        try:
+            return self._evaluate(weight, bias, collective=self._is_synced, every_class=True)
+        except BaseException:
+            # torchmetrics' sync_context does not restore the local states when compute raises;
+            # without this a bad weight would leave the global states in place for later updates.
+            if self._is_synced:
+                self.unsync()
+            raise
+
+    @torch.no_grad()
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """``metric(h, labels, logits)``: :meth:`update` with the batch, and return its own metrics.
+
+        torchmetrics' forward semantics: the batch is added to the accumulated state, and the
+        returned dict covers this batch alone, on this process (no sync, as torchmetrics'
+        default ``dist_sync_on_step=False``). There is no classifier, so the classifier keys
+        (``nc2_w``, ``nc3``, ``cv_w``, ``equinorm``, ``bias_collapse``, ``margin_*``) are NaN and
+        ``ncc_mismatch`` uses the logits. A batch usually lacks some classes: then the keys that
+        need every class mean (``nc1``, ``nc2_h``, ``nc3``, ``cv_h``, ``equinorm``,
+        ``etf_distance``, ``ncc_mismatch``) are NaN instead of the ``ValueError`` of
+        :meth:`compute`. An empty batch gives ``n = 0`` and NaN. Costs a copy of the states, one
+        more update and a compute of the batch (float64): for split-level metrics call
+        :meth:`update` per batch and :meth:`compute` once.
+
+        Shape: as :meth:`update` -> ``dict[str, float]`` with the keys of :meth:`compute`.
+        """
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                "forward() was called while the metric is synced; call unsync() first"
+            )
+        # Own copies first: in a MetricCollection compute group the states are shared with the
+        # other members, whose forward adds this batch too (torchmetrics' own forward also
+        # replaces the states rather than updating them in place). Lists: a shallow copy.
+        for name, value in self.metric_state.items():
+            setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
+        self.update(features, labels, logits)
+        batch = NeuralCollapseMetrics(
+            self.num_classes, self.dim, max_kept_samples=None, device=self.device
+        )
+        batch.update(features, labels, logits)
+        if batch.num_samples == 0:
+            results = dict.fromkeys(METRIC_KEYS, _NAN)
+            results.update(n=0.0, etf_margin=self.num_classes / (self.num_classes - 1))
+            result = _ordered(results, self.num_classes)
+        else:
+            result = batch._evaluate(None, None, collective=False, every_class=False)
+        self._forward_cache = result
+        return result
+
+    def _evaluate(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *,
+        collective: bool,
+        every_class: bool,
+    ) -> dict[str, float]:
+        """The metrics of the current states; ``collective``: the states are synced, so reduce
+        the per-sample measures over processes too; ``every_class``: a class without samples is
+        an error (else its keys are NaN)."""
         weight, bias = _check_classifier(weight, bias, self.num_classes, self.dim)
-        statistics = self._reduce_statistics()
+        statistics = self._statistics(every_class=every_class)
         results = _global_metrics(statistics, self.num_classes, weight, bias)
-        if statistics.dropped_samples > 0:
+        if statistics.dropped_samples > 0 or statistics.restored_samples > 0:
             if self.max_kept_samples != 0:
                 warnings.warn(
-                    f"{int(statistics.dropped_samples)} samples exceeded max_kept_samples="
-                    f"{self.max_kept_samples}: ncc_mismatch and margin_* are NaN. Use "
-                    "guided_nc.metrics.collect_metrics for a two-pass evaluation.",
-                    stacklevel=2,
+                    _missing_features_message(
+                        statistics.dropped_samples,
+                        statistics.restored_samples,
+                        self.max_kept_samples,
+                    ),
+                    stacklevel=4,  # _evaluate < compute < torchmetrics' compute wrapper < caller
                 )
             results.update(_nan_per_sample())
         else:
+            predictions = self.kept_predictions or [None] * len(self.kept_features)
+            kept = zip(self.kept_features, self.kept_labels, predictions, strict=True)
             results.update(
-                _per_sample_metrics(self._kept, self._num_kept, statistics, weight, bias)
+                _per_sample_metrics(
+                    kept, self.num_kept_samples, statistics, weight, bias, collective=collective
+                )
             )
         return _ordered(results, self.num_classes)
 
-    def _reduce_statistics(self) -> _Statistics:
-        """Sum the statistics over processes: one flat all-reduce (two with > 1 process)."""
-        num_classes, dim = self.num_classes, self.dim
+    def _statistics(self, *, every_class: bool = True) -> _Statistics:
+        """Means and Sigma_W from the current states (float64, no communication)."""
         counts = self.class_counts
-        safe_counts = counts.clamp(min=1).unsqueeze(1)
-        shifted_sums = self.shifted_class_sums
-        # Filled in place, view by view, to hold a single extra d x d matrix.
-        sizes = [num_classes * dim, num_classes, dim * dim, 4]
-        flat = torch.empty(sum(sizes), dtype=STATISTICS_DTYPE, device=counts.device)
-        sums, total_counts, scatter, scalars = torch.split(flat, sizes)
-        torch.addcmul(
-            shifted_sums, counts.unsqueeze(1), self.class_shifts, out=sums.view_as(shifted_sums)
-        )
-        total_counts.copy_(counts)
-        # This process's within-class scatter around its own class means (stable: shifted).
-        scaled = shifted_sums / safe_counts.sqrt()
-        torch.addmm(
-            self.shifted_second_moment, scaled.T, scaled, alpha=-1.0, out=scatter.view(dim, dim)
-        )
-        scalars.copy_(
-            torch.stack(
-                [
-                    self.correct_top1,
-                    self.correct_top5,
-                    self.samples_with_logits,
-                    self.dropped_samples,
-                ]
-            )
-        )
-        distributed.all_reduce_sum(flat)
-        num_samples = float(total_counts.sum().item())
+        num_samples = float(counts.sum().item())
         if num_samples == 0:
             raise RuntimeError(
                 "NeuralCollapseMetrics.compute() called before any sample was seen; call "
                 "update(features, labels) first"
             )
-        empty = torch.nonzero(total_counts == 0).flatten().tolist()
-        if empty:
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty and every_class:
             raise ValueError(
-                f"classes {empty} have no samples (of num_classes={num_classes}); the class "
+                f"classes {empty} have no samples (of num_classes={self.num_classes}); the class "
                 "means are undefined. Evaluate a split that contains every class, or metrics "
                 "over the classes present with a smaller num_classes and remapped labels"
             )
-        class_means = sums.view(num_classes, dim) / total_counts.unsqueeze(1)
-        scatter = scatter.view(dim, dim)  # a view of our own flat buffer: safe to update
-        if distributed.world_size() > 1:
-            # Pooled scatter = sum of per-process scatters + sum_{r,k} n_rk (m_rk - m_k)(...)^T.
-            local_means = self.class_shifts + shifted_sums / safe_counts
-            deviation = (local_means - class_means) * counts.sqrt().unsqueeze(1)
-            scatter += distributed.all_reduce_sum(deviation.T @ deviation)
-        correct_top1, correct_top5, with_logits, dropped = scalars.tolist()
+        shifted_sums = self.shifted_class_sums
+        safe_counts = counts.clamp(min=1).unsqueeze(1)
+        seen = (counts > 0).unsqueeze(1)
+        class_means = torch.where(seen, self.class_shifts + shifted_sums / safe_counts, _NAN)
+        raw_sums = torch.addcmul(shifted_sums, counts.unsqueeze(1), self.class_shifts)
+        # N Sigma_W = C - sum_k T_k T_k^T / n_k, both terms of the within-class size.
+        scaled = shifted_sums / safe_counts.sqrt()
+        scatter = torch.addmm(self.shifted_second_moment, scaled.T, scaled, alpha=-1.0)
+        values = torch.stack([getattr(self, name) for name in _SCALAR_STATES]).tolist()
+        scalars = dict(zip(_SCALAR_STATES, values, strict=True))
         return _Statistics(
-            counts=total_counts,
+            counts=counts,
             class_means=class_means,
-            global_mean=sums.view(num_classes, dim).sum(dim=0) / num_samples,
-            within_class_covariance=scatter / num_samples,
+            global_mean=raw_sums.sum(dim=0) / num_samples,
+            within_class_covariance=scatter.div_(num_samples),
             num_samples=num_samples,
-            correct_top1=correct_top1,
-            correct_top5=correct_top5,
-            samples_with_logits=with_logits,
-            dropped_samples=dropped,
+            **scalars,
         )
+
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group=None) -> None:
+        """torchmetrics' sync hook (run by ``compute``, ``sync`` and ``sync_context`` when
+        :func:`guided_nc.distributed.is_distributed`): replace this process's states by the sums
+        over all processes, about one common shift (:func:`_sum_over_processes`: two float64
+        all-reduces through :func:`guided_nc.distributed.all_reduce_sum`, the only route to
+        torch.distributed). torchmetrics caches the local states first and puts them back on
+        ``unsync``. The kept features stay local: the per-sample measures are reduced in
+        :meth:`compute`.
+        """
+        if process_group is not None:
+            raise ValueError(
+                f"process_group={process_group!r}: NeuralCollapseMetrics syncs over the default "
+                "process group through guided_nc.distributed; pass process_group=None"
+            )
+        if dist_sync_fn is not None and dist_sync_fn is not gather_all_tensors:
+            raise ValueError(
+                f"dist_sync_fn={dist_sync_fn!r} is not used by NeuralCollapseMetrics, which sums "
+                "its statistics through guided_nc.distributed.all_reduce_sum; pass "
+                "dist_sync_fn=None (tests replace guided_nc.distributed.all_reduce_sum instead)"
+            )
+        scalars = torch.stack([getattr(self, name) for name in _SCALAR_STATES])
+        counts, shifts, sums, moment, scalars = _sum_over_processes(
+            self.class_counts,
+            self.class_shifts,
+            self.shifted_class_sums,
+            self.shifted_second_moment,
+            scalars,
+        )
+        self.class_counts, self.class_shifts = counts, shifts
+        self.shifted_class_sums, self.shifted_second_moment = sums, moment
+        for name, value in zip(_SCALAR_STATES, scalars.unbind(), strict=True):
+            setattr(self, name, value)
+
+    def merge_state(self, incoming_state) -> None:
+        """Not supported: the incoming shifts differ and its kept features are not in its state."""
+        raise RuntimeError(
+            f"merge_state({type(incoming_state).__name__}) is not supported by "
+            "NeuralCollapseMetrics: the statistics of two metrics have different class shifts "
+            "and the kept features are not part of metric_state. Update one metric with every "
+            "batch, or run under torch.distributed, where compute() sums every process exactly"
+        )
+
+    def set_dtype(self, dst_type: torch.dtype | str) -> NeuralCollapseMetrics:
+        """Changes nothing: every statistic stays float64 (style habit 8); warns unless float64."""
+        if dst_type not in (torch.float64, "torch.DoubleTensor"):
+            warnings.warn(
+                f"set_dtype({dst_type!r}) leaves NeuralCollapseMetrics unchanged: its statistics "
+                "stay float64 and kept features keep their input dtype (docs/metrics.md)",
+                stacklevel=2,
+            )
+        return self
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> NeuralCollapseMetrics:
+        """Move the states between devices with the module; never change their dtype.
+
+        ``Module.to``/``.cuda()``/``.half()``/``.float()``/``.bfloat16()``/``.type()`` all come
+        here. torchmetrics' own ``_apply`` skips its states for ``.half()``/``.float()``/
+        ``.double()``/``.bfloat16()``/``.type()`` but converts them for ``.to(dtype)`` (a
+        parent's ``model.to(torch.float16)``). Here each state is passed through ``fn``, and when
+        that changed its dtype the original is moved to the new device instead: float64
+        statistics stay float64, kept features keep their input dtype.
+        """
+        this = super()._apply(fn, exclude_state=tuple(self._defaults))
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
+
+        for name, default in this._defaults.items():
+            if isinstance(default, torch.Tensor):
+                this._defaults[name] = move(default)
+                setattr(this, name, move(getattr(this, name)))
+            else:
+                values = getattr(this, name)
+                values[:] = [move(value) for value in values]  # in place: shared lists stay shared
+        this._device = move(torch.zeros((), dtype=STATISTICS_DTYPE, device=this._device)).device
+        this._dtype = STATISTICS_DTYPE
+        return this
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load the statistics as float64 copies (never aliases of the given tensors).
+
+        Every shape is checked first: a missing or mis-shaped statistic leaves the metric
+        unchanged (reported as a missing key or an error, as ``nn.Module`` does). The kept
+        features are not in a state_dict, so the loaded samples count as restored without
+        features: ``compute`` gives NaN per-sample measures and a warning that says so.
+        """
+        loaded: dict[str, torch.Tensor] = {}
+        problems: list[str] = []
+        persistent = [name for name in self._defaults if self._persistent[name]]
+        for name in persistent:
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            expected = tuple(self._defaults[name].shape)
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                problems.append(
+                    f"{key} must be a floating-point tensor of shape {expected}, got {kind}"
+                )
+            elif tuple(value.shape) != expected:
+                problems.append(
+                    f"{key} has shape {tuple(value.shape)} but this metric's is {expected} "
+                    f"(num_classes={self.num_classes}, dim={self.dim}); build "
+                    "NeuralCollapseMetrics with the num_classes and dim of the saved metric"
+                )
+            else:
+                loaded[name] = value
+        error_msgs.extend(problems)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(loaded) != len(persistent):
+            return
+        for name, value in loaded.items():
+            device = getattr(self, name).device
+            setattr(self, name, value.detach().to(device, STATISTICS_DTYPE, copy=True))
+        for name in _KEPT_STATES:
+            getattr(self, name).clear()
+        self.restored_samples = self.class_counts.sum()
+        if self.restored_samples.item() > 0:
+            # A restored state is an update as far as torchmetrics' "compute before update"
+            # warning goes.
+            self._update_count = max(self._update_count, 1)
 
     def _check_batch(
         self, features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None
@@ -559,14 +901,6 @@ class NeuralCollapseMetrics(nn.Module):
             )
 
 
-def _forget_kept_features(module: NeuralCollapseMetrics, incompatible_keys) -> None:
-    """After ``load_state_dict``: the loaded samples' features are not in the state, so the
-    per-sample measures cannot cover them; mark them dropped (NaN + warning, as past the cap)."""
-    module._kept = []
-    module._num_kept = 0
-    module.dropped_samples.copy_(torch.maximum(module.dropped_samples, module.class_counts.sum()))
-
-
 # --- shared internals (both routes) --------------------------------------------------------------
 
 
@@ -607,20 +941,30 @@ def _global_metrics(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> dict[str, float]:
-    """Everything computable from the summed statistics alone."""
+    """Everything computable from the statistics alone (float64).
+
+    The keys that need every class mean (``nc1``, ``nc2_h``, ``nc3``, ``cv_h``, ``equinorm``,
+    ``etf_distance``) are NaN when a class has no samples (only
+    :meth:`NeuralCollapseMetrics.forward` gets that far; ``compute`` raises first).
+    """
     device = statistics.class_means.device
-    hbar = (statistics.class_means - statistics.global_mean).T  # (d, K)
-    dim = hbar.shape[0]
-    unit_hbar = hbar / torch.linalg.matrix_norm(hbar)
-    results = {
-        "nc1": nc1_from_statistics(statistics.within_class_covariance, hbar).item(),
-        "nc2_h": etf_gram_deviation(hbar.T @ hbar).item(),
-        "cv_h": coefficient_of_variation(hbar.T).item(),
+    results: dict[str, float] = {
         "etf_margin": num_classes / (num_classes - 1),
-        # The nearest ETF lives on St(d, K): undefined (NaN) when d < K.
-        "etf_distance": etf_distance(unit_hbar).item() if dim >= num_classes else _NAN,
         "n": statistics.num_samples,
+        **dict.fromkeys(["nc1", "nc2_h", "cv_h", "etf_distance"], _NAN),
     }
+    hbar = None
+    if statistics.every_class_seen:
+        hbar = (statistics.class_means - statistics.global_mean).T  # (d, K)
+        dim = hbar.shape[0]
+        unit_hbar = hbar / torch.linalg.matrix_norm(hbar)
+        results.update(
+            nc1=nc1_from_statistics(statistics.within_class_covariance, hbar).item(),
+            nc2_h=etf_gram_deviation(hbar.T @ hbar).item(),
+            cv_h=coefficient_of_variation(hbar.T).item(),
+            # The nearest ETF lives on St(d, K): undefined (NaN) when d < K.
+            etf_distance=etf_distance(unit_hbar).item() if dim >= num_classes else _NAN,
+        )
     with_logits = statistics.samples_with_logits
     results["acc1"] = 100.0 * statistics.correct_top1 / with_logits if with_logits else _NAN
     if num_classes >= 5:
@@ -632,7 +976,7 @@ def _global_metrics(
     cv_w = coefficient_of_variation(weight).item()
     results.update(
         nc2_w=etf_gram_deviation(weight @ weight.T).item(),
-        nc3=etf_gram_deviation(weight @ hbar).item(),
+        nc3=etf_gram_deviation(weight @ hbar).item() if hbar is not None else _NAN,
         cv_w=cv_w,
         equinorm=abs(results["cv_h"] - cv_w),
         bias_collapse=bias_collapse(
@@ -653,14 +997,17 @@ def _per_sample_metrics(
     statistics: _Statistics,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    *,
+    collective: bool,
 ) -> dict[str, float]:
-    """NCC mismatch and cosine margins of this process's samples against the global means.
+    """NCC mismatch and cosine margins of this process's samples against the given means (float64).
 
     ``batches`` yields (features (B, d), labels (B,), network predictions (B,) or None), and
     ``num_samples`` rows in all (checked: the two-pass route needs a deterministic loader).
-    Mismatch counts are summed and margins gathered over processes (collective), so every rank
-    gets the same numbers. Margins are kept, one float64 per sample, for exact quantiles, in one
-    buffer allocated up front (many small long-lived blocks would fragment the heap).
+    With ``collective`` (the statistics are the sums over processes), mismatch counts are summed
+    and margins gathered over processes, so every rank gets the same numbers. Margins are kept,
+    one float64 per sample, for exact quantiles, in one buffer allocated up front (many small
+    long-lived blocks would fragment the heap). NCC needs every class mean: NaN otherwise.
     """
     device = statistics.class_means.device
     if weight is not None:
@@ -670,6 +1017,7 @@ def _per_sample_metrics(
     compared = torch.zeros((), dtype=STATISTICS_DTYPE, device=device)
     margins = torch.empty(num_samples if weight is not None else 0, dtype=STATISTICS_DTYPE)
     margins = margins.to(device)
+    every_mean = statistics.every_class_seen
     seen = 0
     for features, labels, predictions in batches:
         if seen + features.shape[0] > num_samples:
@@ -688,7 +1036,7 @@ def _per_sample_metrics(
                 chunk_predictions = (logits if bias is None else logits + bias).argmax(dim=1)
             else:
                 chunk_predictions = None
-            if chunk_predictions is not None:
+            if chunk_predictions is not None and every_mean:
                 nearest = nearest_class_centre(chunk, statistics.class_means)
                 mismatches += (nearest != chunk_predictions).sum()
                 compared += chunk.shape[0]
@@ -702,12 +1050,14 @@ def _per_sample_metrics(
             f"the second pass yielded {seen} samples but the first {num_samples}; the loader "
             "must yield the same samples each time (no random sampling or dropping)"
         )
-    totals = distributed.all_reduce_sum(torch.stack([mismatches, compared]))
+    totals = torch.stack([mismatches, compared])
+    if collective:
+        totals = distributed.all_reduce_sum(totals)
     results = _nan_per_sample()
     if totals[1] > 0:
         results["ncc_mismatch"] = (100.0 * totals[0] / totals[1]).item()
     if weight is not None:
-        everything = _gather_variable_length(margins).cpu().numpy()
+        everything = (_gather_variable_length(margins) if collective else margins).cpu().numpy()
         if everything.size:
             values = np.quantile(everything, list(MARGIN_QUANTILES.values()))
             results.update(zip(MARGIN_QUANTILES, values.tolist(), strict=True))
@@ -813,13 +1163,20 @@ def collect_metrics(
         if metric is None:
             raise ValueError("loader yielded no batches; pass a loader over a non-empty split")
         weight, bias = _check_classifier(weight, bias, num_classes, metric.dim)
-        statistics = metric._reduce_statistics()
+        local_samples = metric.num_samples
+        # torchmetrics' sync (NeuralCollapseMetrics._sync_dist, through guided_nc.distributed)
+        # under torch.distributed; a no-op for one process.
+        with metric.sync_context():
+            collective = metric._is_synced
+            statistics = metric._statistics(every_class=True)
         results = _global_metrics(statistics, num_classes, weight, bias)
         second_pass = (
             (features, labels, None if logits is None else logits.argmax(dim=1))
             for features, labels, logits in batches("NC metrics, pass 2/2 (NCC, margins)")
         )
         results.update(
-            _per_sample_metrics(second_pass, metric.num_samples, statistics, weight, bias)
+            _per_sample_metrics(
+                second_pass, local_samples, statistics, weight, bias, collective=collective
+            )
         )
     return _ordered(results, num_classes)
