@@ -388,6 +388,7 @@ def test_memory_cap_drops_per_sample_measures_with_a_warning():
         assert math.isnan(off.compute(weight)["margin_mean"])
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")  # tested order
 def test_reset_and_state_dict_round_trip():
     features, labels, weight, _, logits = random_problem(3, 4, [6, 7, 8], seed=9)
     metric = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
@@ -748,6 +749,7 @@ def test_bad_batches_are_rejected_and_leave_the_state_unchanged(mutate, error, m
     _assert_unchanged(metric, snapshot)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")  # tested order
 def test_classifier_and_call_order_errors():
     features, labels, weight, bias, _ = random_problem(3, 4, [4, 4, 4], seed=12)
     metric = NeuralCollapseMetrics(3, 4)

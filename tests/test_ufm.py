@@ -21,7 +21,7 @@ import torch
 from guided_nc import runfiles as report
 from guided_nc import ufm
 from guided_nc.cli import _demo_command, build_parser, main, ufm_configs
-from guided_nc.config import PRESETS, UFM_METRICS_FIELDS, Preset, UFMConfig, parse_preset
+from guided_nc.config import PRESETS, Preset, UFMConfig, parse_preset
 from guided_nc.methods import METHODS
 from guided_nc.reports import ufm as ufm_report
 
@@ -67,7 +67,7 @@ def test_every_output_file_with_structure(tiny_run):
             assert (tiny_run / line.split("(")[-1].rstrip(")")).is_file()
 
     rows = _read_csv(tiny_run / "metrics.csv")
-    assert list(rows[0]) == list(UFM_METRICS_FIELDS)
+    assert list(rows[0]) == list(ufm.METRICS_FIELDS)
     iterations = TINY_CONFIG.iterations
     assert len(rows) == len(METHODS) * 2 * (iterations + 1)
     evaluated = set(ufm.evaluation_iterations(iterations, TINY_CONFIG.eval_interval))
@@ -150,7 +150,7 @@ def test_same_seed_gives_identical_metrics_csv(tmp_path):
     paths = []
     for attempt, seed in enumerate((3, 3, 4)):
         rows, _, _ = ufm.train_run(config, "implicit", seed)
-        paths.append(report.write_long_csv(tmp_path / f"{attempt}.csv", rows, UFM_METRICS_FIELDS))
+        paths.append(report.write_long_csv(tmp_path / f"{attempt}.csv", rows, ufm.METRICS_FIELDS))
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_bytes() != paths[2].read_bytes()
 

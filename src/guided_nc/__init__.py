@@ -28,9 +28,29 @@ from guided_nc.heads import (
     normalize_features,
     renormalize_heads_,
 )
-from guided_nc.metrics import NeuralCollapseMetrics, ce_lower_bound, collect_metrics
 from guided_nc.optim import AGD, build_optimizer, build_scheduler, orthogonal_init_
 from guided_nc.sampler import StratifiedBatchSampler
+
+#: Names loaded on first use: the metrics subclass torchmetrics.Metric, and importing
+#: torchmetrics takes seconds (it loads its audio and image domains); ``import guided_nc`` and
+#: ``guided-nc --help`` should not pay for it.
+_LAZY = {
+    "NeuralCollapseMetrics": "guided_nc.metrics",
+    "ce_lower_bound": "guided_nc.metrics",
+    "collect_metrics": "guided_nc.metrics",
+}
+
+
+def __getattr__(name: str):
+    """Import the lazily exported names on first access (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'guided_nc' has no attribute {name!r}")
+
 
 __all__ = [
     "AGD",

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
-from guided_nc.metrics import METRIC_KEYS
 from guided_nc.optim import OPTIMIZERS, SCHEDULES
 from guided_nc.runfiles import atomic_write_json, environment_info, read_json
 from guided_nc.runtime import DEVICES
@@ -26,10 +25,6 @@ from guided_nc.runtime import DEVICES
 __all__ = [
     "POOL_FREE_FIELDS",
     "PRESETS",
-    "UFM_DENSE_COLUMNS",
-    "UFM_METRICS_FIELDS",
-    "UFM_NC_COLUMNS",
-    "UFM_TIMINGS_FIELDS",
     "Preset",
     "TrainConfig",
     "UFMConfig",
@@ -410,20 +405,6 @@ def _batch_size_argument(text: str) -> int | None:
 
 
 # --- unconstrained feature models -----------------------------------------------------------------
-
-
-#: Columns of a UFM run's metrics.csv with a value every iteration (the rest only at the NC
-#: evaluations).
-UFM_DENSE_COLUMNS = ("loss", "acc1", "eta")
-
-#: Neural-collapse columns of a UFM run's metrics.csv: every key of
-#: :meth:`~guided_nc.metrics.NeuralCollapseMetrics.compute` but the accuracies (``acc1`` is dense
-#: above; ``acc5`` is not plotted) and the sample count.
-UFM_NC_COLUMNS = tuple(key for key in METRIC_KEYS if key not in ("acc1", "acc5", "n"))
-
-#: The columns of a UFM run's metrics.csv and timings.csv, in order.
-UFM_METRICS_FIELDS = ("preset", "method", "seed", "iteration", *UFM_DENSE_COLUMNS, *UFM_NC_COLUMNS)
-UFM_TIMINGS_FIELDS = ("preset", "method", "seed", "iteration", "step_seconds")
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guided_nc.config import (
-    UFM_METRICS_FIELDS,
-    UFM_NC_COLUMNS,
-    UFM_TIMINGS_FIELDS,
-    Preset,
-    UFMConfig,
-)
+from guided_nc.config import Preset, UFMConfig
 from guided_nc.heads import build_head
 from guided_nc.methods import METHOD_VARIANTS
-from guided_nc.metrics import NeuralCollapseMetrics, cosine_margins
+from guided_nc.metrics import METRIC_KEYS, NeuralCollapseMetrics, cosine_margins
 from guided_nc.models import Classifier, FreeFeatures
 from guided_nc.optim import build_scheduler, orthogonal_init_
 from guided_nc.progress import Progress
@@ -60,6 +54,10 @@ from guided_nc.runfiles import (
 from guided_nc.timing import StepRun, build_optimizer_for, time_steps, training_step
 
 __all__ = [
+    "DENSE_COLUMNS",
+    "METRICS_FIELDS",
+    "NC_COLUMNS",
+    "TIMINGS_FIELDS",
     "evaluation_iterations",
     "initial_features",
     "measure_step_times",
@@ -70,6 +68,19 @@ __all__ = [
 
 #: How often a UFM run writes a log line when stderr is not a terminal.
 LOG_EVERY = 100
+
+#: Columns of a run's metrics.csv with a value every iteration (the rest only at the NC
+#: evaluations).
+DENSE_COLUMNS = ("loss", "acc1", "eta")
+
+#: Neural-collapse columns of a run's metrics.csv: every key of
+#: :meth:`~guided_nc.metrics.NeuralCollapseMetrics.compute` but the accuracies (``acc1`` is dense
+#: above; ``acc5`` is not plotted) and the sample count. Reports read the columns from the files.
+NC_COLUMNS = tuple(key for key in METRIC_KEYS if key not in ("acc1", "acc5", "n"))
+
+#: The columns of a run's metrics.csv and timings.csv, in order.
+METRICS_FIELDS = ("preset", "method", "seed", "iteration", *DENSE_COLUMNS, *NC_COLUMNS)
+TIMINGS_FIELDS = ("preset", "method", "seed", "iteration", "step_seconds")
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def _evaluate(model: Classifier, labels: torch.Tensor, with_collapse: bool) -> d
         metric.update(h, labels, logits)
         bias = None if head.bias is None else head.bias.detach()
         computed = metric.compute(head.weight.detach(), bias)
-        results.update({key: computed[key] for key in UFM_NC_COLUMNS})
+        results.update({key: computed[key] for key in NC_COLUMNS})
     return results
 
 
@@ -359,8 +370,8 @@ def _train_into(
     )
     started = time.time()
     rows, timings, margins = train_run(config, method, seed, bar)
-    write_long_csv(folder / "metrics.csv", rows, UFM_METRICS_FIELDS)
-    write_long_csv(folder / "timings.csv", timings, UFM_TIMINGS_FIELDS)
+    write_long_csv(folder / "metrics.csv", rows, METRICS_FIELDS)
+    write_long_csv(folder / "timings.csv", timings, TIMINGS_FIELDS)
     save_npy(folder / "final_margins.npy", margins)
     mark_done(folder, run_config, time.time() - started)
 

@@ -32,7 +32,6 @@ import sys
 import time
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -146,6 +145,8 @@ def _naive(loader: SyntheticLoader, weight: torch.Tensor) -> float:
     sigma_b = hbar.T @ hbar / num_classes
     # scipy's pinv as the release (rtol max(M, N) eps); numpy's default rcond 1e-15 would invert
     # rounding noise in the null space of Sigma_B at d = 2048 (NC1 off by ~1e10).
+    import scipy.linalg  # deferred: only the baseline needs it (and --help stays quick)
+
     nc1 = float(np.trace(sigma_w @ scipy.linalg.pinv(sigma_b)) / num_classes)
     # NC2/NC3/equinorm: K x K, negligible; NCC mismatch and cosine margins per class.
     centred_w = w - w.mean(axis=0)

@@ -33,7 +33,6 @@ from torch import nn
 
 from guided_nc.methods import TIMED_METHODS
 from guided_nc.runfiles import environment_info
-from guided_nc.timing import measure_heads
 
 __all__ = ["HEADS", "SETTINGS", "add_arguments", "run"]
 
@@ -137,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         backbone, num_classes, inputs, labels = _build_setting(
             setting, args.batch_size, with_backbone, device, args.seed
         )
+        from guided_nc.timing import measure_heads  # deferred: the CLI's --help stays quick
+
         results = measure_heads(
             backbone,
             num_classes,

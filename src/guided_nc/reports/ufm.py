@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from guided_nc.config import UFM_METRICS_FIELDS, UFM_NC_COLUMNS, UFM_TIMINGS_FIELDS, Preset
+from guided_nc.config import Preset
 from guided_nc.methods import METHOD_VARIANTS, method_label
 from guided_nc.metrics import ce_lower_bound
 from guided_nc.reports.figures import (
@@ -38,11 +38,16 @@ from guided_nc.runfiles import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    csv_columns,
     find_runs,
     read_json,
     read_long_csv,
     write_long_csv,
 )
+
+#: Columns of a UFM metrics.csv that identify a row, or hold a value every iteration; every
+#: other column is a neural-collapse metric (the report reads which ones from the files).
+_ROW_COLUMNS = ("preset", "method", "seed", "iteration", "loss", "acc1", "eta")
 
 __all__ = [
     "BOUND_FACTOR",
@@ -76,6 +81,18 @@ def _check_poolable(runs) -> None:
         )
 
 
+def _shared_columns(paths: list[Path]) -> list[str]:
+    """The header every CSV shares; ValueError naming the odd file otherwise."""
+    first = csv_columns(paths[0])
+    for path in paths[1:]:
+        if csv_columns(path) != first:
+            raise ValueError(
+                f"{path} has other columns than {paths[0]}: the runs were written by different "
+                "versions; rerun the odd one or move it to its own --out"
+            )
+    return first
+
+
 def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
     """Concatenate every finished run of a preset folder into ``metrics.csv``, ``timings.csv``
     and ``final_margins.npz`` at its top (method order of
@@ -95,6 +112,8 @@ def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
             f"{out_dir} holds no finished runs (runs/<method>/seed<s>/done); run them first"
         )
     _check_poolable(finished)
+    columns = _shared_columns([run.path / "metrics.csv" for run in finished])
+    timing_columns = _shared_columns([run.path / "timings.csv" for run in finished])
     metrics, timings, margins = [], [], {}
     for run in finished:
         metrics += run.rows()
@@ -102,8 +121,8 @@ def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
         margins[f"{run.method}/{run.seed}"] = np.load(
             run.path / "final_margins.npy", allow_pickle=False
         )
-    write_long_csv(out_dir / "metrics.csv", metrics, UFM_METRICS_FIELDS)
-    write_long_csv(out_dir / "timings.csv", timings, UFM_TIMINGS_FIELDS)
+    write_long_csv(out_dir / "metrics.csv", metrics, columns)
+    write_long_csv(out_dir / "timings.csv", timings, timing_columns)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **margins)
     atomic_write_bytes(out_dir / "final_margins.npz", buffer.getvalue())
@@ -139,6 +158,7 @@ def summarize_metrics(
       one-off allocations, excluded when there are more).
     """
     bound = ce_lower_bound(num_classes, temperature)
+    nc_columns = [key for key in (metrics[0] if metrics else {}) if key not in _ROW_COLUMNS]
     methods: dict[str, Any] = {}
     present = {row["method"] for row in metrics}
     names = [method for method in METHOD_VARIANTS if method in present]
@@ -156,7 +176,7 @@ def summarize_metrics(
                 _first_iteration(rows, lambda row: row["loss"] <= BOUND_FACTOR * bound)
             )
             last = max(rows, key=lambda row: row["iteration"])
-            for key in ("loss", "acc1", *UFM_NC_COLUMNS):
+            for key in ("loss", "acc1", *nc_columns):
                 finals.setdefault(key, []).append(last.get(key))
             seconds = [
                 row["step_seconds"]
