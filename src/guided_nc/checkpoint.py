@@ -70,6 +70,10 @@ def load_checkpoint(
 
     if path.stat().st_size == 0:
         raise unusable("is empty (a write was interrupted before its first byte)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
+        raise unusable(
+            "is truncated or corrupt (not a complete zip archive, the format torch.save writes)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from guided_nc._version import __version__
+from guided_nc.runfiles import DiskError, RunFolderLocked
 
 #: Benchmarks of ``guided-nc bench``: (module, help).
 BENCHMARKS = {
@@ -36,8 +37,17 @@ DEMO_EVAL_INTERVAL = 100
 #: UFM-10's tensors are small: one thread avoids OpenMP spinning on a busy machine.
 DEMO_THREADS = 1
 
-#: Errors that are the user's to fix: one line, no traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError)
+#: Errors that are the user's to fix: one line, no traceback (a bad value, a missing or
+#: unreadable file, a folder in use, a full disk).
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    RunFolderLocked,
+    DiskError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,15 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
 def _configure_logging() -> None:
     """Progress and run information go to stderr through the ``guided_nc`` logger."""
     logger = logging.getLogger("guided_nc")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _is_rank_zero() -> bool:
@@ -318,7 +339,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     from guided_nc.config import TrainConfig, config_from_namespace, parse_int_list
     from guided_nc.reports.compare import write_report
 
-    table_epochs = parse_int_list(args.table_epochs) if args.table_epochs else None
+    table_epochs = parse_int_list(args.table_epochs, "table_epochs") if args.table_epochs else None
     if not args.report_only:
         methods = tuple(m for m in args.methods.split(",") if m)
         fields = {key: value for key, value in vars(args).items() if key != "out"}
