@@ -18,7 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "guided_nc"
 #: Layers from the bottom up; a module may import its own layer and those below it. A package
 #: (models, data, reports, bench) is one group.
 LAYERS = (
-    ("foundations", {"_version", "_checks", "methods", "distributed", "progress", "runtime"}),
+    (
+        "foundations",
+        {"_version", "_checks", "catalog", "methods", "distributed", "progress", "runtime"},
+    ),
     ("maths", {"etf"}),
     ("solvers", {"solvers"}),  # registers itself with etf: the arrow runs solvers -> etf
     ("library", {"heads", "metrics", "optim", "sampler", "models", "data"}),

@@ -135,7 +135,9 @@ def test_every_model_and_head_trains_one_step(model_name, method):
 def test_a_step_with_sgd_and_biases_is_one_sgd_step_on_the_cross_entropy():
     torch.manual_seed(0)
     backbone = build_backbone("mlp", input_shape=(1, 8, 8), bias=True, affine=True, width=16)
-    model = Classifier(backbone, build_head_for(TrainConfig(optimizer="sgd"), 16, 3))
+    model = Classifier(
+        backbone, build_head_for(TrainConfig(optimizer="sgd", method="standard"), 16, 3)
+    )
     lr, inputs, labels = 0.1, torch.randn(6, 1, 8, 8), torch.arange(6) % 3
     optimizer = build_optimizer("sgd", list(model.parameters()), lr=lr)
     biases = {name: p for name, p in model.named_parameters() if p.ndim == 1}
@@ -292,10 +294,17 @@ def test_implicit_head_with_fewer_features_than_classes_is_a_clear_error(tmp_pat
 
 
 def test_unknown_dataset_and_model_are_clear_errors(tmp_path):
+    # The configuration refuses them before anything runs (and the builders too).
+    with pytest.raises(ValueError, match=r"dataset='imagenet21k' is not one of \['cifar10'"):
+        tiny_config(tmp_path, dataset="imagenet21k")
+    with pytest.raises(ValueError, match=r"model='resnet9' is not one of \['resnet18'"):
+        tiny_config(tmp_path, model="resnet9")
+    from guided_nc.data import build_datasets
+
     with pytest.raises(ValueError, match=r"unknown dataset name='imagenet21k'; choose one of"):
-        fit(tiny_config(tmp_path, dataset="imagenet21k"))
+        build_datasets("imagenet21k")
     with pytest.raises(ValueError, match=r"unknown model name='resnet9'; choose one of"):
-        fit(tiny_config(tmp_path, model="resnet9"))
+        build_backbone("resnet9")
 
 
 def test_a_model_with_one_dimensional_parameters_is_rejected_by_agd(tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ _LAZY = {
     "NeuralCollapseMetrics": "guided_nc.metrics",
     "ce_lower_bound": "guided_nc.metrics",
     "collect_metrics": "guided_nc.metrics",
+    "FitResult": "guided_nc.train",
+    "train_model": "guided_nc.train",
 }
 
 
@@ -54,6 +56,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AGD",
+    "FitResult",
     "FixedETFHead",
     "ImplicitETFHead",
     "LearnableHead",
@@ -75,4 +78,5 @@ __all__ = [
     "polar_factor",
     "renormalize_heads_",
     "simplex_etf",
+    "train_model",
 ]

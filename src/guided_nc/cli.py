@@ -300,7 +300,7 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _add_compare(subparsers) -> None:
     from guided_nc.config import TrainConfig, add_config_arguments, int_at_least
-    from guided_nc.methods import METHODS
+    from guided_nc.methods import METHOD_VARIANTS, METHODS
 
     parser = subparsers.add_parser(
         "compare",
@@ -311,7 +311,8 @@ def _add_compare(subparsers) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated heads (default: {','.join(METHODS)})",
+        help=f"comma-separated methods from {','.join(METHOD_VARIANTS)} (default: "
+        f"{','.join(METHODS)})",
     )
     parser.add_argument("--seeds", type=int_at_least(1), default=5, help="number of seeds (5)")
     parser.add_argument("--first-seed", type=int_at_least(0), default=0, help="first seed (0)")
@@ -329,7 +330,9 @@ def _add_compare(subparsers) -> None:
         "--report-only", action="store_true", help="only rebuild the report from the run folders"
     )
     add_config_arguments(
-        parser, TrainConfig, exclude=("method", "seed", "out", "resume", "ddn_grad")
+        parser,
+        TrainConfig,
+        exclude=("method", "seed", "out", "resume", "resume_or_start", "rotation"),
     )
     parser.set_defaults(func=_compare_command)
 

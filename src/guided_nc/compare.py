@@ -24,12 +24,12 @@ import torch
 
 from guided_nc import distributed
 from guided_nc.config import TrainConfig
-from guided_nc.methods import METHODS, TIMED_METHODS
+from guided_nc.methods import METHOD_VARIANTS, METHODS, TIMED_METHODS
 from guided_nc.runfiles import atomic_write_json, read_done, run_folder
 from guided_nc.runtime import resolve_device
 from guided_nc.timing import measure_heads as time_heads
 
-__all__ = ["measure_heads", "run_comparison"]
+__all__ = ["measure_heads", "method_config", "run_comparison"]
 
 
 def run_comparison(
@@ -43,8 +43,11 @@ def run_comparison(
 
     Args:
         base: the shared configuration; ``method``, ``seed``, ``out`` and ``resume`` are set per
-            run (``ddn_grad`` is forced True: the comparison uses the paper's implicit head).
-        methods: heads to compare, a subset of :data:`guided_nc.methods.METHODS`.
+            run. ``base.ddn_grad`` applies to the implicit head (``--no-ddn-grad``); the
+            variants fix their own options.
+        methods: methods to compare (:data:`guided_nc.methods.METHOD_VARIANTS`: the three heads
+            and the variants ``fixed-haar`` and ``implicit-no-ddn``); each has its own run
+            folder ``runs/<method>/seed<k>``.
         seeds: one run per seed and method (all methods see the same batches at a seed).
         out: comparison folder.
         timing_repeats: steps per head for Table 3 (:func:`measure_heads`, every timed method
@@ -54,9 +57,11 @@ def run_comparison(
         the comparison folder (build its report with
         :func:`guided_nc.reports.compare.write_report`).
     """
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHOD_VARIANTS))
     if unknown or not methods:
-        raise ValueError(f"methods={list(methods)} must be a non-empty subset of {list(METHODS)}")
+        raise ValueError(
+            f"methods={list(methods)} must be a non-empty subset of {list(METHOD_VARIANTS)}"
+        )
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed, e.g. --seeds 5")
     from guided_nc import train  # fit is looked up at call time (tests record the calls)
@@ -71,10 +76,8 @@ def run_comparison(
             for seed in seeds:
                 folder = run_folder(out, method, seed)
                 config = dataclasses.replace(
-                    base,
-                    method=method,
+                    method_config(base, method),
                     seed=seed,
-                    ddn_grad=True,
                     out=str(folder),
                     resume=(folder / "checkpoint.pt").exists(),
                 )
@@ -93,6 +96,19 @@ def run_comparison(
     finally:
         if created_group:
             distributed.destroy_process_group()
+
+
+def method_config(base: TrainConfig, method: str) -> TrainConfig:
+    """``base`` for one method: its head, and the variant's options (or ``base``'s DDN switch
+    for the implicit head; the defaults for the options the head does not have)."""
+    variant = METHOD_VARIANTS[method]
+    options = variant.head_options()
+    return dataclasses.replace(
+        base,
+        method=variant.head,
+        ddn_grad=options.get("ddn_grad", base.ddn_grad) if variant.head == "implicit" else True,
+        rotation=options.get("rotation", "canonical"),
+    )
 
 
 def _finished_as_requested(config: TrainConfig, folder: Path) -> bool:

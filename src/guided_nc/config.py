@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
 from guided_nc.optim import OPTIMIZERS, SCHEDULES
 from guided_nc.runfiles import atomic_write_json, environment_info, read_json
@@ -57,7 +58,7 @@ RESUME_FREE_FIELDS = frozenset(
 #: Fields in which the runs of one comparison may differ and still be pooled into one table:
 #: the seed and the method (with its option ``ddn_grad``), and how a run executed. ``epochs`` is
 #: pooled too when every run has ``schedule="none"`` (epoch e is then the same in a longer run).
-POOL_FREE_FIELDS = RESUME_FREE_FIELDS | {"seed", "method", "ddn_grad"}
+POOL_FREE_FIELDS = RESUME_FREE_FIELDS | {"seed", "method", "ddn_grad", "rotation"}
 
 
 def parse_int_list(text: str | list | tuple, name: str = "eval_epochs") -> tuple[int, ...]:
@@ -135,15 +136,28 @@ class TrainConfig:
     booleans get ``--name/--no-name``).
     """
 
-    dataset: str = field(default="fashion-mnist", metadata={"help": "dataset name"})
-    model: str = field(default="mlp", metadata={"help": "backbone name"})
+    dataset: str = field(
+        default="fashion-mnist",
+        metadata={"choices": DATASET_NAMES, "also": (CUSTOM,), "help": "dataset name"},
+    )
+    model: str = field(
+        default="mlp",
+        metadata={"choices": MODEL_NAMES, "also": (CUSTOM,), "help": "backbone name"},
+    )
     width: int | None = field(
         default=None, metadata={"help": "MLP width (= d) or CNN first-block channels"}
     )
     depth: int | None = field(default=None, metadata={"help": "MLP hidden layers"})
     batch_norm: bool = field(default=True, metadata={"help": "batch norm in the MLP/CNN"})
     method: str = field(
-        default="standard", metadata={**_choices(*HEAD_NAMES), "help": "classifier head"}
+        default="implicit", metadata={**_choices(*HEAD_NAMES), "help": "classifier head"}
+    )
+    rotation: str = field(
+        default="canonical",
+        metadata={
+            **_choices("canonical", "haar"),
+            "help": "fixed head: the simplex ETF's rotation (haar: random, drawn from --seed)",
+        },
     )
     ddn_grad: bool = field(
         default=True,
@@ -169,7 +183,10 @@ class TrainConfig:
     out: str = field(default="runs/train", metadata={"help": "run folder"})
     eval_epochs: tuple[int, ...] = field(
         default=(),
-        metadata={"help": "comma-separated epochs to evaluate (the last is always added)"},
+        metadata={
+            "help": "comma-separated epochs to evaluate (the last is always added; empty: "
+            "1, 2, 5, 10, then every 10)"
+        },
     )
     resume: bool = field(
         default=False,
@@ -194,12 +211,27 @@ class TrainConfig:
     label_noise: float = field(
         default=0.0, metadata={"help": "fraction of training labels replaced by another class"}
     )
+    agd_init: bool = field(
+        default=True,
+        metadata={"help": "AGD: initialise the backbone orthogonally (the paper's init)"},
+    )
     bias: bool | None = field(
         default=None,
         metadata={"help": "biases and norm-layer affine parameters (default: off with AGD)"},
     )
     temperature: float = field(default=5.0, metadata={"help": "feature norm tau"})
     delta: float = field(default=1e-3, metadata={"help": "implicit head: proximal coefficient"})
+    loss: str = field(
+        default="ce",
+        metadata={
+            **_choices(*LOSSES),
+            "help": "training loss: cross-entropy (the paper), MSE to one-hot targets, or "
+            "cross-entropy with label smoothing",
+        },
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "the smoothing of --loss label-smoothing"}
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave as is)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     device: str = field(default="auto", metadata=_choices(*DEVICES))
@@ -210,7 +242,7 @@ class TrainConfig:
             _check_type(item.name, getattr(self, item.name), hints[item.name])
             choices = item.metadata.get("choices")
             value = getattr(self, item.name)
-            if choices is not None and value not in choices:
+            if choices is not None and value not in (*choices, *item.metadata.get("also", ())):
                 raise ValueError(
                     f"{item.name}={value!r} is not one of {list(choices)}; pick one of those"
                 )
@@ -243,6 +275,20 @@ class TrainConfig:
                 f"ddn_grad=False only applies to method='implicit' (got method={self.method!r}); "
                 "drop --no-ddn-grad"
             )
+        if self.rotation != "canonical" and self.method != "fixed":
+            raise ValueError(
+                f"rotation={self.rotation!r} only applies to method='fixed' (got "
+                f"method={self.method!r}); drop --rotation"
+            )
+        if self.loss == "label-smoothing":
+            check_number(
+                "label_smoothing",
+                self.label_smoothing,
+                minimum=0,
+                maximum=1,
+                exclusive_minimum=True,
+                exclusive_maximum=True,
+            )
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
@@ -266,8 +312,13 @@ class TrainConfig:
         return config_from_namespace(cls, namespace)
 
     def eval_epoch_set(self) -> tuple[int, ...]:
-        """Epochs to evaluate: the requested ones within range, plus the last epoch."""
-        return tuple(sorted({e for e in self.eval_epochs if e <= self.epochs} | {self.epochs}))
+        """Epochs to evaluate: the requested ones within range, plus the last epoch.
+
+        With no ``eval_epochs``: 1, 2, 5, 10, then every 10th epoch, and the last, so that the
+        curves have points early (where the heads differ most) and all along.
+        """
+        requested = set(self.eval_epochs) or {1, 2, 5, *range(10, self.epochs + 1, 10)}
+        return tuple(sorted({e for e in requested if e <= self.epochs} | {self.epochs}))
 
     def extends(self, saved: TrainConfig) -> bool:
         """Whether this config trains ``saved``'s run for more epochs, exactly.

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guided_nc.catalog import LOSSES
 from guided_nc.heads import build_head, renormalize_heads_
 from guided_nc.methods import METHOD_VARIANTS, TIMED_METHODS
 from guided_nc.models import Classifier
@@ -27,7 +28,9 @@ from guided_nc.optim import build_optimizer
 from guided_nc.runtime import synchronize
 
 __all__ = [
+    "LOSSES",
     "StepRun",
+    "build_loss",
     "build_optimizer_for",
     "measure_heads",
     "summarize_times",
@@ -36,6 +39,28 @@ __all__ = [
 ]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+
+def build_loss(name: str = "ce", label_smoothing: float = 0.1) -> LossFunction:
+    """The training loss ``(logits (B, K), labels (B,)) -> scalar``, by name.
+
+    * ``"ce"``: cross-entropy, the paper's loss (the CE lower bound of the reports applies);
+    * ``"mse"``: mean squared error between the logits and one-hot targets, averaged over the
+      B x K entries (the MSE setting of the neural-collapse literature);
+    * ``"label-smoothing"``: cross-entropy with ``label_smoothing`` (``torch`` semantics).
+    """
+    if name == "ce":
+        return F.cross_entropy
+    if name == "label-smoothing":
+        return lambda logits, labels: F.cross_entropy(
+            logits, labels, label_smoothing=label_smoothing
+        )
+    if name == "mse":
+        return lambda logits, labels: F.mse_loss(
+            logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        )
+    raise ValueError(f"loss={name!r} is not one of {list(LOSSES)}")
 
 
 def training_step(

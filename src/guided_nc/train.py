@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from guided_nc import distributed
+from guided_nc.catalog import CUSTOM
 from guided_nc.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -47,9 +48,9 @@ from guided_nc.runfiles import (
     write_long_csv,
 )
 from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
-from guided_nc.timing import build_optimizer_for, training_step
+from guided_nc.timing import build_loss, build_optimizer_for, training_step
 
-__all__ = ["build_backbone_for", "build_head_for", "evaluate", "fit"]
+__all__ = ["FitResult", "build_backbone_for", "build_head_for", "evaluate", "fit", "train_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -88,7 +89,8 @@ def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.
 
 
 def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
-    """The head of ``config.method`` with the config's tau (and delta / DDN gradient).
+    """The head of ``config.method`` with the config's tau (and delta / DDN gradient, or the
+    fixed ETF's rotation: a Haar rotation is drawn from a generator seeded by ``config.seed``).
 
     The standard head has no bias (method.md section 1), whatever ``config.bias`` says: that flag
     is about the backbone's biases and norm-layer affine parameters.
@@ -98,6 +100,10 @@ def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> 
     options: dict[str, Any] = {"temperature": config.temperature}
     if config.method == "implicit":
         options.update(delta=config.delta, ddn_grad=config.ddn_grad)
+    if config.method == "fixed" and config.rotation != "canonical":
+        options.update(
+            rotation=config.rotation, generator=torch.Generator().manual_seed(config.seed)
+        )
     return build_head(config.method, num_features, num_classes, **options)
 
 
@@ -122,7 +128,13 @@ class _Data:
     eval_loaders: dict[str, Any]
 
 
-def fit(config: TrainConfig) -> Path:
+def fit(
+    config: TrainConfig,
+    *,
+    backbone: nn.Module | None = None,
+    data: Any = None,
+    loss_fn: Any = None,
+) -> Path:
     """Train ``config.model`` with the ``config.method`` head; return the run folder.
 
     Writes ``config.json``, ``metrics.csv`` (one row per epoch of
@@ -131,7 +143,17 @@ def fit(config: TrainConfig) -> Path:
     checkpoint and produces the same numbers as an uninterrupted run (same device, threads and
     number of processes). Resuming a finished run with a larger ``epochs`` (``schedule="none"``
     only) trains it further, exactly as if it had been that long from the start.
+
+    Args:
+        config: the run.
+        backbone: your own module mapping inputs to (B, d) features, instead of
+            ``config.model`` (then ``model="custom"``); d is its ``num_features`` attribute, or
+            found by one forward pass. See :func:`train_model`.
+        data: your own :class:`guided_nc.data.DataSplits` (e.g. ``DataSplits.from_datasets``)
+            instead of ``config.dataset`` (then ``dataset="custom"``).
+        loss_fn: ``(logits, labels) -> scalar`` instead of ``config.loss``.
     """
+    _check_custom(config, backbone, data)
     out = Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -149,9 +171,11 @@ def fit(config: TrainConfig) -> Path:
                 f"use a multiple of {world_size}"
             )
         seed_everything(config.seed)
-        data = _build_data(config, rank, world_size)
-        model, train_model = _build_model(config, data.splits, device, world_size)
+        data = _build_data(config, rank, world_size, data)
+        model, trained = _build_model(config, data.splits, device, world_size, backbone)
         optimizer, scheduler = _build_optimizer(config, model, len(data.train_loader))
+        if loss_fn is None:
+            loss_fn = build_loss(config.loss, config.label_smoothing)
 
         start_epoch, rows, timings = 0, [], []
         if state is not None:
@@ -176,7 +200,7 @@ def fit(config: TrainConfig) -> Path:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             data.sampler.set_epoch(epoch)
             loss, accuracy, step_times = _train_epoch(
-                train_model, optimizer, scheduler, data.train_loader, device, progress
+                trained, optimizer, scheduler, data.train_loader, device, progress, loss_fn
             )
             timings.append(_epoch_timing(epoch, step_times, device))
             if epoch in eval_epochs:
@@ -208,6 +232,22 @@ def fit(config: TrainConfig) -> Path:
 
 
 # --- the stages of fit, in the order fit calls them ----------------------------------------------
+
+
+def _check_custom(config: TrainConfig, backbone, data) -> None:
+    """``model``/``dataset`` say "custom" exactly when a backbone/data is passed."""
+    for name, given in (("model", backbone), ("dataset", data)):
+        custom = getattr(config, name) == CUSTOM
+        if custom and given is None:
+            raise ValueError(
+                f"{name}={CUSTOM!r} but no {'backbone' if name == 'model' else 'data'} was "
+                f"passed; pass it to fit/train_model, or name a built-in {name}"
+            )
+        if given is not None and not custom:
+            raise ValueError(
+                f"a {'backbone' if name == 'model' else 'data'} was passed but "
+                f"{name}={getattr(config, name)!r}; set {name}={CUSTOM!r} (train_model does)"
+            )
 
 
 def _lock_run_folder(out: Path, device: torch.device) -> RunLock | None:
@@ -280,23 +320,25 @@ def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]
     return state, config.extends(saved[0][1])
 
 
-def _build_data(config: TrainConfig, rank: int, world_size: int) -> _Data:
-    """Datasets, the stratified sampler (the same global batches for every method at a seed;
-    each rank takes a strided slice) and the loaders (evaluation: whole splits, sharded)."""
+def _build_data(config: TrainConfig, rank: int, world_size: int, splits=None) -> _Data:
+    """Datasets (built-in, or the caller's ``splits``), the stratified sampler (the same global
+    batches for every method at a seed; each rank takes a strided slice) and the loaders
+    (evaluation: whole splits, sharded)."""
     from guided_nc.data import build_datasets, build_loader
     from guided_nc.sampler import StratifiedBatchSampler
 
-    splits = build_datasets(
-        config.dataset,
-        root=config.data_root,
-        download=config.download,
-        augment=config.augment,
-        long_tail=config.long_tail,
-        imbalance_factor=config.imbalance_factor,
-        label_noise=config.label_noise,
-        seed=config.seed,
-        augmentation_seed=config.seed * 1000 + rank,  # each rank augments from its own stream
-    )
+    if splits is None:
+        splits = build_datasets(
+            config.dataset,
+            root=config.data_root,
+            download=config.download,
+            augment=config.augment,
+            long_tail=config.long_tail,
+            imbalance_factor=config.imbalance_factor,
+            label_noise=config.label_noise,
+            seed=config.seed,
+            augmentation_seed=config.seed * 1000 + rank,  # each rank augments its own stream
+        )
     sampler = StratifiedBatchSampler(
         splits.train_labels, config.batch_size, config.seed, world_size, rank
     )
@@ -305,19 +347,24 @@ def _build_data(config: TrainConfig, rank: int, world_size: int) -> _Data:
             dataset, batch_size=config.batch_size, sampler=range(rank, len(dataset), world_size)
         )
         for split, dataset in (("train", splits.train_eval), ("test", splits.test))
+        if dataset is not None
     }
     return _Data(splits, sampler, build_loader(splits.train, batch_sampler=sampler), eval_loaders)
 
 
 def _build_model(
-    config: TrainConfig, splits, device: torch.device, world_size: int
+    config: TrainConfig, splits, device: torch.device, world_size: int, backbone=None
 ) -> tuple[nn.Module, nn.Module]:
-    """Backbone and head as one :class:`guided_nc.models.Classifier` (AGD's orthogonal init from
-    a seeded generator), on ``device``; and the module to train (DDP-wrapped with >1 process)."""
+    """Backbone (built-in, or the caller's) and head as one :class:`guided_nc.models.Classifier`
+    (AGD's orthogonal init from a seeded generator), on ``device``; and the module to train
+    (DDP-wrapped with >1 process)."""
     from guided_nc.models import Classifier, check_no_one_dimensional_parameters
     from guided_nc.optim import orthogonal_init_
 
-    backbone = build_backbone_for(config, splits.input_shape)
+    if backbone is None:
+        backbone = build_backbone_for(config, splits.input_shape)
+    else:
+        _feature_width(backbone, splits)
     if config.method != "standard" and backbone.num_features < splits.num_classes:
         raise ValueError(
             f"method={config.method!r} needs feature dimension d >= number of classes K "
@@ -328,13 +375,33 @@ def _build_model(
     model = Classifier(backbone, build_head_for(config, backbone.num_features, splits.num_classes))
     if config.optimizer == "agd":
         check_no_one_dimensional_parameters(model, "AGD")
-        orthogonal_init_(model.backbone, torch.Generator().manual_seed(config.seed))
+        if config.agd_init:
+            orthogonal_init_(model.backbone, torch.Generator().manual_seed(config.seed))
     model.to(device)
     if world_size == 1:
         return model, model
     if device.type == "cuda":  # global-batch statistics, as in one process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, nn.parallel.DistributedDataParallel(model)
+
+
+def _feature_width(backbone: nn.Module, splits) -> int:
+    """d of a caller's backbone: its ``num_features``, else one forward pass (set on it)."""
+    width = getattr(backbone, "num_features", None)
+    if not isinstance(width, int):
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            features = backbone(splits.train[0][0].unsqueeze(0))
+        backbone.train(was_training)
+        if features.dim() != 2:
+            raise ValueError(
+                f"the backbone returns shape {tuple(features.shape)} for one input; it must "
+                "return (batch, d) features (flatten them, e.g. end with nn.Flatten())"
+            )
+        width = features.shape[1]
+        backbone.num_features = width
+    return width
 
 
 def _build_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
@@ -408,10 +475,10 @@ def _announce(config, model, data: _Data, device, world_size, start_epoch, steps
     )
 
 
-def _train_epoch(train_model, optimizer, scheduler, loader, device, progress: Progress):
+def _train_epoch(trained, optimizer, scheduler, loader, device, progress: Progress, loss_fn):
     """One epoch of :func:`guided_nc.timing.training_step`; returns (mean loss, train top-1 %,
     per-step seconds), the first two over the global batch (all ranks)."""
-    train_model.train()
+    trained.train()
     # Sums stay on the device (no host read per step); one all-reduce and one read per epoch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -421,7 +488,9 @@ def _train_epoch(train_model, optimizer, scheduler, loader, device, progress: Pr
         inputs, labels = inputs.to(device), labels.to(device)
         synchronize(device)
         start = time.perf_counter()
-        loss, correct = training_step(train_model, optimizer, inputs, labels, scheduler=scheduler)
+        loss, correct = training_step(
+            trained, optimizer, inputs, labels, scheduler=scheduler, loss_fn=loss_fn
+        )
         synchronize(device)
         step_times.append(time.perf_counter() - start)
         loss_sum += loss.double() * labels.numel()
@@ -554,3 +623,64 @@ def evaluate(
         )
         row.update({f"{split}_{key}": value for key, value in metrics.items()})
     return row
+
+
+@dataclass
+class FitResult:
+    """What :func:`train_model` returns: the run folder and its metrics.
+
+    Attributes:
+        folder: the run folder (config.json, metrics.csv, checkpoint.pt, ...).
+        rows: metrics.csv, one dict per evaluated epoch.
+    """
+
+    folder: Path
+    rows: list[dict[str, Any]]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last evaluated epoch's metrics (``train_acc1``, ``test_nc1``, ...)."""
+        return self.rows[-1]
+
+
+def train_model(
+    backbone: nn.Module,
+    train: Any,
+    test: Any = None,
+    *,
+    num_classes: int | None = None,
+    train_labels: Any = None,
+    train_eval: Any = None,
+    loss_fn: Any = None,
+    **config: Any,
+) -> FitResult:
+    """Train your own backbone on your own data with a guided-nc head; the Python API of ``fit``.
+
+    Args:
+        backbone: ``nn.Module`` mapping a batch of inputs to (B, d) features (no classifier:
+            the head is added). d is its ``num_features`` attribute or found by one forward.
+            With AGD (the default) it must have no 1-D parameters: see
+            :func:`guided_nc.models.remove_biases`, :func:`~guided_nc.models.remove_norm_affine`
+            and :func:`~guided_nc.models.torchvision_resnet`.
+        train, test: datasets of ``(input, label)`` (a DataLoader is taken as its dataset: the
+            stratified sampler makes the batches, of ``batch_size``).
+        num_classes, train_labels, train_eval: see :meth:`guided_nc.data.DataSplits.
+            from_datasets`.
+        loss_fn: ``(logits, labels) -> scalar`` instead of ``loss=`` ("ce", "mse",
+            "label-smoothing").
+        **config: fields of :class:`guided_nc.config.TrainConfig` (``method``, ``epochs``,
+            ``batch_size``, ``optimizer``, ``out``, ``resume``, ...).
+
+    Returns:
+        a :class:`FitResult` with the run folder and its metrics.
+    """
+    from guided_nc.data import DataSplits
+    from guided_nc.runfiles import read_long_csv
+
+    train, test = (getattr(split, "dataset", split) for split in (train, test))
+    data = DataSplits.from_datasets(
+        train, test, train_eval=train_eval, num_classes=num_classes, train_labels=train_labels
+    )
+    run = TrainConfig(**{"out": "runs/train", **config, "dataset": CUSTOM, "model": CUSTOM})
+    folder = fit(run, backbone=backbone, data=data, loss_fn=loss_fn)
+    return FitResult(folder, read_long_csv(folder / "metrics.csv"))

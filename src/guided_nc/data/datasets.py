@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from guided_nc.catalog import DATASET_NAMES
 from guided_nc.data.imbalance import (
     LABEL_NOISE_MODES,
     LONG_TAIL_PROFILES,
@@ -47,17 +48,6 @@ __all__ = [
     "read_idx",
 ]
 
-#: Names accepted by :func:`build_datasets`.
-DATASET_NAMES = (
-    "cifar10",
-    "cifar100",
-    "stl10",
-    "imagenet",
-    "mnist",
-    "fashion-mnist",
-    "digits",
-    "mnist1d",
-)
 
 #: Environment variable holding the default data root (else ``./data``).
 DEFAULT_ROOT_VARIABLE = "GUIDED_NC_DATA"
@@ -104,7 +94,7 @@ class DataSplits:
     name: str
     train: Dataset
     train_eval: Dataset
-    test: Dataset
+    test: Dataset | None
     num_classes: int
     input_shape: tuple[int, ...]
     train_labels: torch.Tensor
@@ -115,6 +105,62 @@ class DataSplits:
     classes: tuple[str, ...]
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+
+    @classmethod
+    def from_datasets(
+        cls,
+        train: Dataset,
+        test: Dataset | None = None,
+        *,
+        train_eval: Dataset | None = None,
+        num_classes: int | None = None,
+        train_labels: Sequence[int] | torch.Tensor | None = None,
+        name: str = "custom",
+    ) -> DataSplits:
+        """Your own datasets as the splits of a run (:func:`guided_nc.train.train_model`).
+
+        Args:
+            train: map-style dataset of ``(input, label)`` pairs; the stratified sampler makes
+                its batches, so its labels are needed: ``train_labels``, else its ``targets``
+                or ``labels`` attribute (torchvision datasets have one), else one pass over it.
+            test: the test split, or None (then only the training split is evaluated).
+            train_eval: the training examples without augmentation, for the NC metrics of the
+                training split (default: ``train`` itself, fine when it does not augment).
+            num_classes: K (default: the largest training label + 1).
+            train_labels: (N,) int labels of ``train``.
+            name: recorded as the dataset's name.
+        """
+        labels = _dataset_labels(train, train_labels)
+        test_labels = _dataset_labels(test, None) if test is not None else labels[:0]
+        if labels.numel() == 0:
+            raise ValueError("train is empty; pass a dataset with at least one example")
+        if labels.min() < 0:
+            raise ValueError(f"train has a label {int(labels.min())} < 0; labels are 0..K-1")
+        classes = int(labels.max()) + 1 if num_classes is None else num_classes
+        if int(labels.max()) >= classes:
+            raise ValueError(
+                f"num_classes={classes} but train has a label {int(labels.max())}; labels must "
+                f"lie in [0, {classes - 1}]"
+            )
+        sample = train[0][0]
+        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else ()
+        empty = torch.empty(0, dtype=torch.int64)
+        return cls(
+            name=name,
+            train=train,
+            train_eval=train if train_eval is None else train_eval,
+            test=test,
+            num_classes=classes,
+            input_shape=shape,
+            train_labels=labels,
+            test_labels=test_labels,
+            clean_train_labels=labels,
+            noisy_indices=empty,
+            train_indices=torch.arange(len(labels)),
+            classes=tuple(str(k) for k in range(classes)),
+            mean=None,
+            std=None,
+        )
 
     @property
     def in_memory(self) -> bool:
@@ -181,6 +227,23 @@ class DataSplits:
             num_workers=self._workers(num_workers),
             pin_memory=pin_memory,
         )
+
+
+def _dataset_labels(dataset: Dataset, labels) -> torch.Tensor:
+    """(N,) int64 labels of a dataset: given, its ``targets``/``labels``, or read from it."""
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[index][1]) for index in range(len(dataset))]
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if labels.numel() != len(dataset):
+        raise ValueError(
+            f"got {labels.numel()} labels for a dataset of {len(dataset)} examples; pass one "
+            "label per example"
+        )
+    return labels
 
 
 @dataclass
@@ -535,9 +598,23 @@ def _load_stl10(root: Path, download: bool) -> _InMemory:
 # Offline datasets: scikit-learn digits and MNIST-1D
 
 
+def _optional(module: str, dataset: str):
+    """Import an optional dependency of a dataset, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = module.split(".")[0]
+        raise ModuleNotFoundError(
+            f"dataset {dataset!r} needs the optional package {package!r}, which is not "
+            f'installed; pip install "guided-nc[data]" (or pip install {package})'
+        ) from error
+
+
 def _load_digits(root: Path, download: bool) -> _InMemory:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = _optional("sklearn.datasets", "digits").load_digits
+    train_test_split = _optional("sklearn.model_selection", "digits").train_test_split
 
     digits = load_digits()  # bundled with scikit-learn: 1797 images 8x8, values 0..16
     images = digits.images.astype(np.uint8)
@@ -564,7 +641,8 @@ def _load_digits(root: Path, download: bool) -> _InMemory:
 
 
 def _load_mnist1d(root: Path, download: bool) -> _InMemory:
-    from mnist1d.data import get_dataset_args, make_dataset
+    mnist1d_data = _optional("mnist1d.data", "mnist1d")
+    get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
 
     # make_dataset() generates the standard MNIST-1D (4000 train / 1000 test, length 40, its
     # own seed 42) locally; it reseeds Python's and numpy's global generators, so their states

@@ -11,13 +11,19 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from guided_nc.catalog import MODEL_NAMES
 from guided_nc.models.classifier import Classifier, FreeFeatures
 from guided_nc.models.common import (
     one_dimensional_parameters,
     remove_biases,
     remove_norm_affine,
 )
-from guided_nc.models.resnet import CIFAR_STEM_MAX_SIZE, RESNET_FEATURES, build_resnet
+from guided_nc.models.resnet import (
+    CIFAR_STEM_MAX_SIZE,
+    RESNET_FEATURES,
+    build_resnet,
+    torchvision_resnet,
+)
 from guided_nc.models.small import MLP, SmallCNN
 from guided_nc.models.vgg import VGGFeatures
 
@@ -35,10 +41,9 @@ __all__ = [
     "one_dimensional_parameters",
     "remove_biases",
     "remove_norm_affine",
+    "torchvision_resnet",
 ]
 
-#: Names accepted by :func:`build_backbone`.
-MODEL_NAMES = ("resnet18", "resnet50", "vgg13", "mlp", "cnn")
 
 #: Default widths: MLP hidden units (= features), CNN first-block channels (features = 4x).
 DEFAULT_MLP_WIDTH = 512
@@ -160,6 +165,8 @@ def check_no_one_dimensional_parameters(model: nn.Module, optimizer: str = "AGD"
         raise ValueError(
             f"{optimizer} cannot train 1-D parameters (biases, norm-layer scales/shifts), "
             f"but the model has: {shown}. Fix: build the model without them (--no-bias, i.e. "
-            f"build_backbone(..., affine=False, bias=False)) or choose another optimiser "
-            f"(sgd, adam, adamw)."
+            f"build_backbone(..., affine=False, bias=False)); for your own model, call "
+            f"guided_nc.models.remove_biases(model) and remove_norm_affine(model) (or "
+            f"guided_nc.models.torchvision_resnet for a torchvision ResNet); or choose another "
+            f"optimiser (sgd, adam, adamw)."
         )

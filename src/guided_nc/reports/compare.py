@@ -93,9 +93,9 @@ def _cost_table(
         "bench memory (MiB)",
     ]
     measured = (timing or {}).get("heads", {})
-    names = [m for m in methods if m != "implicit"]
-    if "implicit" in methods:
-        names += ["implicit", "implicit-no-ddn"]
+    names = [m for m in methods if m not in ("implicit", "implicit-no-ddn")]
+    if "implicit" in methods or "implicit-no-ddn" in methods:
+        names += ["implicit", "implicit-no-ddn"]  # Table 3: with and without the DDN gradient
     rows = []
     for name in names:
         mine = [run for run in runs if run["method"] == name]
