@@ -80,8 +80,25 @@ def test_the_comparison_report_rebuilds_from_a_v01_folder(tmp_path):
     timing = json.loads((folder / "timing.json").read_text())["heads"]
     overhead = timing["implicit"]["overhead_percent"]
     assert f"{overhead:+.1f} %" in text
-    # Accuracy, NC (train), NC (test), cost: four booktabs tables.
-    assert (folder / "tables.tex").read_text().count(r"\toprule") == 4
+    # Accuracy, NC (train), NC (test), time to target, cost: five booktabs tables.
+    assert (folder / "tables.tex").read_text().count(r"\toprule") == 5
+    # Time to target: steps = first epoch with train top-1 >= 95 % x steps per epoch, seconds =
+    # the run's epoch times summed to it (summary.json); "never" when no epoch gets there.
+    section = text.split("### Time to target")[1].split("###")[0]
+    for method, label in labels.items():
+        run = folder / "runs" / method / "seed0"
+        rows = _rows(run / "metrics.csv")
+        summary = json.loads((run / "summary.json").read_text())
+        epoch = next((int(r["epoch"]) for r in rows if float(r["train_acc1"]) >= 95.0), None)
+        line = next(x for x in section.splitlines() if x.startswith(f"| {label} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if epoch is None:
+            assert cells[1] == cells[2] == "never"
+        else:
+            steps = epoch * summary["steps_per_epoch"]
+            seconds = sum(e["epoch_time_s"] for e in summary["per_epoch"] if e["epoch"] <= epoch)
+            assert cells[1] == f"{steps} [{steps}, {steps}]"
+            assert cells[2] == f"{seconds:.3g} [{seconds:.3g}, {seconds:.3g}]"
     # The NC tables: NC1 at each table epoch, per split, from the run's own rows.
     for method, label in labels.items():
         rows = {

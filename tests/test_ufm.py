@@ -177,28 +177,30 @@ def test_methods_share_initial_features_and_batches(tiny_run, monkeypatch):
     seeds_differ = {r["nc1"] for r in rows if r["iteration"] == "0"}
     assert len(seeds_differ) == 2
 
-    # Minibatches: every method consumes the same sequence of batches for a seed.
-    original = ufm._batch_stream
-    seen = {}
+    # Minibatches: every method's training steps see the same batches for a seed (recorded where
+    # the features are looked up, so any method-dependent batching would show).
+    from guided_nc.methods import METHOD_VARIANTS
+    from guided_nc.models import FreeFeatures
 
-    def recording(config, labels, seed):
-        stream = original(config, labels, seed)
-        log = seen.setdefault((config.preset.name, seed), {}).setdefault(len(seen_keys), [])
-        seen_keys.append(None)
-        for index in stream:
-            log.append(index.clone())
-            yield index
+    real_forward = FreeFeatures.forward
+    seen: dict[str, list] = {}
 
-    seen_keys: list = []
-    monkeypatch.setattr(ufm, "_batch_stream", recording)
+    def recording(self, index=None):
+        if index is not None:  # training steps; evaluation asks for all N features
+            seen.setdefault(current[0], []).append(index.clone())
+        return real_forward(self, index)
+
+    monkeypatch.setattr(FreeFeatures, "forward", recording)
     config = UFMConfig(preset=TINY, seeds=(5,), iterations=5, eval_interval=5, batch_size=6)
-    for method in METHODS:
+    current = [None]
+    for method in METHOD_VARIANTS:
+        current[0] = method
         ufm.train_run(config, method, 5)
-    logs = list(seen[(TINY.name, 5)].values())
-    assert len(logs) == 3
-    assert all(len(log) >= 5 for log in logs)
+    logs = list(seen.values())
+    assert list(seen) == list(METHOD_VARIANTS) and all(len(log) == 5 for log in logs)
     for log in logs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(logs[0][:5], log[:5], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(logs[0], log, strict=True))
+    assert not all(torch.equal(logs[0][0], batch) for batch in logs[0][1:])  # batches differ
     # Each batch is stratified: every class present (B=6 >= K=3).
     labels = torch.arange(TINY.num_samples) % TINY.num_classes
     assert all(set(labels[index].tolist()) == {0, 1, 2} for index in logs[0][:5])

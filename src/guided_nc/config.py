@@ -62,7 +62,8 @@ POOL_FREE_FIELDS = RESUME_FREE_FIELDS | {"seed", "method", "ddn_grad", "rotation
 
 
 def parse_int_list(text: str | list | tuple, name: str = "eval_epochs") -> tuple[int, ...]:
-    """Parse ``"1,50,200"`` (or a list of ints) into a sorted tuple of unique positive ints.
+    """Parse ``"1,50,200"`` or ``"1-60"`` (ranges included), or a list of ints, into a sorted
+    tuple of unique positive ints.
 
     ``name`` is the option the value came from, for the error message.
     """
@@ -72,7 +73,7 @@ def parse_int_list(text: str | list | tuple, name: str = "eval_epochs") -> tuple
     else:
         items = [item for item in str(text).replace(" ", "").split(",") if item]
     try:
-        values = sorted({int(item) for item in items})
+        values = sorted({value for item in items for value in _int_range(item)})
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"{name}={text!r} is not a comma-separated list of integers; pass e.g. {flag} 1,50,200"
@@ -80,6 +81,14 @@ def parse_int_list(text: str | list | tuple, name: str = "eval_epochs") -> tuple
     if any(value < 1 for value in values):
         raise ValueError(f"{name}={text!r} contains an epoch < 1; epochs count from 1")
     return tuple(values)
+
+
+def _int_range(item: Any) -> range | tuple[int]:
+    """``"5"`` -> (5,), ``"1-60"`` -> 1..60; ints pass through."""
+    if isinstance(item, str) and "-" in item.lstrip("-"):
+        start, stop = item.rsplit("-", 1)
+        return range(int(start), int(stop) + 1)
+    return (int(item),)
 
 
 def check_number(

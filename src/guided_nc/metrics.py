@@ -999,8 +999,12 @@ def _per_sample_metrics(
     bias: torch.Tensor | None,
     *,
     collective: bool,
+    kept_margins: list | None = None,
 ) -> dict[str, float]:
     """NCC mismatch and cosine margins of this process's samples against the given means (float64).
+
+    ``kept_margins``, when a list, receives the margins of every sample (numpy float64, in rank
+    order under torch.distributed).
 
     ``batches`` yields (features (B, d), labels (B,), network predictions (B,) or None), and
     ``num_samples`` rows in all (checked: the two-pass route needs a deterministic loader).
@@ -1058,6 +1062,8 @@ def _per_sample_metrics(
         results["ncc_mismatch"] = (100.0 * totals[0] / totals[1]).item()
     if weight is not None:
         everything = (_gather_variable_length(margins) if collective else margins).cpu().numpy()
+        if kept_margins is not None:
+            kept_margins.append(everything)
         if everything.size:
             values = np.quantile(everything, list(MARGIN_QUANTILES.values()))
             results.update(zip(MARGIN_QUANTILES, values.tolist(), strict=True))
@@ -1118,7 +1124,8 @@ def collect_metrics(
     logits_fn: Callable | None = None,
     *,
     progress: bool = True,
-) -> dict[str, float]:
+    return_margins: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Neural-collapse metrics of a whole split in two passes, memory independent of N.
 
     Pass 1 accumulates the float64 sufficient statistics (and accuracy); pass 2 recomputes the
@@ -1138,9 +1145,11 @@ def collect_metrics(
         weight, bias: the classifier, as in :meth:`NeuralCollapseMetrics.compute`.
         logits_fn: ``features -> logits`` (B, K), when ``feature_fn`` returns features only.
         progress: show tqdm bars (rank 0 only; tqdm also hides them when not on a terminal).
+        return_margins: also return the per-sample cosine margins (N,) float64 (all ranks'
+            samples, in rank order), e.g. for their distribution (paper Fig. 15c).
 
     Returns:
-        the dict of :meth:`NeuralCollapseMetrics.compute`.
+        the dict of :meth:`NeuralCollapseMetrics.compute` (and the margins, if asked).
     """
     show = progress and distributed.is_main_process()
 
@@ -1174,9 +1183,19 @@ def collect_metrics(
             (features, labels, None if logits is None else logits.argmax(dim=1))
             for features, labels, logits in batches("NC metrics, pass 2/2 (NCC, margins)")
         )
+        kept: list = []
         results.update(
             _per_sample_metrics(
-                second_pass, local_samples, statistics, weight, bias, collective=collective
+                second_pass,
+                local_samples,
+                statistics,
+                weight,
+                bias,
+                collective=collective,
+                kept_margins=kept,
             )
         )
-    return _ordered(results, num_classes)
+    results = _ordered(results, num_classes)
+    if return_margins:
+        return results, (kept[0] if kept else np.empty(0))
+    return results

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +46,7 @@ from guided_nc.runfiles import (
     atomic_write_json,
     mark_done,
     remove_stale_temporaries,
+    save_npy,
     write_long_csv,
 )
 from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
@@ -204,10 +206,13 @@ def fit(
             )
             timings.append(_epoch_timing(epoch, step_times, device))
             if epoch in eval_epochs:
-                rows.append(_evaluate_epoch(config, model, data, device, epoch, loss))
+                row, margins = _evaluate_epoch(config, model, data, device, epoch, loss)
+                rows.append(row)
                 if is_main:
                     write_long_csv(out / "metrics.csv", rows)  # rewritten whole
                     _log_scalars(writer, rows[-1], epoch)
+                    if margins is not None:  # the last epoch: per-sample train margins
+                        save_npy(out / "final_margins.npy", margins.astype(np.float32))
             if is_main:
                 writer.add_scalar("train/loss_epoch", loss, epoch)
                 writer.add_scalar("train/acc1_epoch", accuracy, epoch)
@@ -511,15 +516,23 @@ def _epoch_timing(epoch: int, step_times: list[float], device: torch.device) -> 
     }
 
 
-def _evaluate_epoch(config, model, data: _Data, device, epoch: int, train_loss: float) -> dict:
-    """The metrics.csv row of an evaluated epoch.
+def _evaluate_epoch(config, model, data: _Data, device, epoch: int, train_loss: float):
+    """The metrics.csv row of an evaluated epoch, and at the last epoch the per-sample cosine
+    margins of the training split (else None).
 
     Evaluation may draw random numbers (data-loader seeds), so it runs on a forked RNG: which
     epochs are evaluated never changes the training that follows.
     """
+    last = epoch == config.epochs
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        metrics = evaluate(model, data.eval_loaders, data.splits.num_classes, device)
-    return {"epoch": epoch, "train_loss": train_loss, **metrics}
+        metrics, margins = evaluate(
+            model,
+            data.eval_loaders,
+            data.splits.num_classes,
+            device,
+            margins_of="train" if last else "",
+        )
+    return {"epoch": epoch, "train_loss": train_loss, **metrics}, margins
 
 
 def _log_scalars(writer, row: dict[str, Any], epoch: int) -> None:
@@ -590,8 +603,12 @@ def _summary(config, timings, device, data: _Data) -> dict[str, Any]:
 
 
 def evaluate(
-    model: nn.Module, loaders: dict[str, Any], num_classes: int, device: torch.device
-) -> dict[str, float]:
+    model: nn.Module,
+    loaders: dict[str, Any],
+    num_classes: int,
+    device: torch.device,
+    margins_of: str = "",
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Accuracy and NC metrics of ``model`` in eval mode on each loader's whole split.
 
     Args:
@@ -600,9 +617,11 @@ def evaluate(
         loaders: ``{split: loader of (inputs, labels)}``, un-augmented.
         num_classes: K.
         device: where the model runs.
+        margins_of: a split whose per-sample cosine margins to return too ("" for none).
 
     Returns:
-        ``{f"{split}_{key}": value}`` over :data:`guided_nc.metrics.METRIC_KEYS` (float64 sums).
+        ``{f"{split}_{key}": value}`` over :data:`guided_nc.metrics.METRIC_KEYS` (float64 sums),
+        and the margins of ``margins_of`` ((N,) float64, all ranks) or None.
     """
     from guided_nc.metrics import collect_metrics
 
@@ -612,6 +631,7 @@ def evaluate(
         return model.features_and_logits(inputs.to(device))
 
     row: dict[str, float] = {}
+    margins = None
     for split, loader in loaders.items():
         metrics = collect_metrics(
             features_and_logits,
@@ -620,9 +640,12 @@ def evaluate(
             weight=model.head.weight,
             bias=model.head.bias,
             progress=False,
+            return_margins=split == margins_of,
         )
+        if split == margins_of:
+            metrics, margins = metrics
         row.update({f"{split}_{key}": value for key, value in metrics.items()})
-    return row
+    return row, margins
 
 
 @dataclass

@@ -15,10 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from guided_nc.config import POOL_FREE_FIELDS
-from guided_nc.methods import METHOD_VARIANTS, method_label
-from guided_nc.reports.figures import plot_median_bands, save_figure, series_from_rows
+from guided_nc.methods import METHOD_VARIANTS, method_color, method_label
+from guided_nc.reports.figures import (
+    plot_histograms,
+    plot_median_bands,
+    save_figure,
+    series_from_rows,
+)
 from guided_nc.reports.tables import format_median_range, latex_table, markdown_table
+from guided_nc.reports.targets import cumulative_seconds, etf_margin_fraction, first_reached
 from guided_nc.runfiles import atomic_write_text, find_runs, read_json
 
 __all__ = ["NC_FIGURE_METRICS", "NC_TABLE_METRICS", "write_report"]
@@ -45,6 +53,7 @@ def _load_runs(out: Path) -> list[dict[str, Any]]:
     runs = []
     for run in find_runs(out):
         summary_path = run.path / "summary.json"
+        margins_path = run.path / "final_margins.npy"
         runs.append(
             {
                 "method": run.method,
@@ -52,6 +61,7 @@ def _load_runs(out: Path) -> list[dict[str, Any]]:
                 "config": run.config,
                 "rows": run.rows(),
                 "summary": read_json(summary_path) if summary_path.exists() else {},
+                "margins": np.load(margins_path) if margins_path.exists() else None,
             }
         )
     return runs
@@ -216,6 +226,68 @@ def _nc_table(
     return header, rows
 
 
+#: Training-accuracy targets of the time-to-target table (%), and the test target's margin.
+TRAIN_TARGETS = (95.0, 99.0)
+TEST_TARGET_MARGIN = 0.5
+
+
+def _targets_table(
+    runs: list[dict[str, Any]], methods: list[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Steps and training seconds to the targets, median [range] over seeds.
+
+    A target is met at the first *evaluated* epoch whose value reaches it (so the evaluation
+    schedule is the resolution). Steps = epoch x steps per epoch; seconds = the run's own
+    per-epoch training time (its ``summary.json``: training steps only, no evaluation) summed up
+    to that epoch. The test bar is the median over every run of its best test top-1, minus
+    :data:`TEST_TARGET_MARGIN` points: one bar for all methods.
+    """
+    best = [max((row.get("test_acc1") or 0.0) for row in run["rows"]) for run in runs]
+    test_bar = float(np.median(best)) - TEST_TARGET_MARGIN if best else None
+    targets = [(f"train top-1 >= {t:g} %", "train_acc1", t) for t in TRAIN_TARGETS]
+    if test_bar is not None and any("test_acc1" in row for run in runs for row in run["rows"]):
+        targets.append((f"test top-1 >= {test_bar:.2f} %", "test_acc1", test_bar))
+    header = ["method"]
+    for title, _, _ in targets:
+        header += [f"steps to {title}", f"seconds to {title}"]
+    rows = []
+    for method in methods:
+        mine = [run for run in runs if run["method"] == method]
+        row = [method_label(method)]
+        for _, key, threshold in targets:
+            steps, seconds = [], []
+            for run in mine:
+                epoch = first_reached(
+                    run["rows"], lambda r, k=key, t=threshold: r[k] >= t, position="epoch"
+                )
+                per_epoch = run["summary"].get("per_epoch", [])
+                clock = cumulative_seconds({t["epoch"]: t["epoch_time_s"] for t in per_epoch})
+                per_step = run["summary"].get("steps_per_epoch")
+                steps.append(None if epoch is None or per_step is None else epoch * per_step)
+                seconds.append(None if epoch is None else clock.get(epoch))
+            for values, fmt in ((steps, "{:.0f}"), (seconds, "{:.3g}")):
+                row.append(
+                    format_median_range(values, fmt=fmt, missing="largest", missing_text="never")
+                )
+        rows.append(row)
+    return header, rows
+
+
+def _margin_fractions(runs: list[dict[str, Any]], methods: list[str]) -> list[list[str]]:
+    """Fraction of training samples within 1 % of K/(K-1) at the last epoch, per method."""
+    rows = []
+    for method in methods:
+        fractions = []
+        for run in runs:
+            if run["method"] == method and run["margins"] is not None:
+                etf = run["rows"][-1]["train_etf_margin"]  # K/(K-1), so K = etf/(etf - 1)
+                fractions.append(etf_margin_fraction(run["margins"], round(etf / (etf - 1))))
+        if fractions:
+            summary = format_median_range(fractions, fmt="{:.3f}")
+            rows.append([method_label(method), str(len(fractions)), summary])
+    return rows
+
+
 def _figures(out: Path, runs: list[dict[str, Any]], methods: list[str]) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -257,6 +329,24 @@ def _figures(out: Path, runs: list[dict[str, Any]], methods: list[str]) -> list[
                 log_y=log_y,
             )
         paths.append(save_figure(figure, figures / name))
+    pooled = {}
+    for method in methods:
+        arrays = [run["margins"] for run in runs if run["method"] == method]
+        if any(array is not None for array in arrays):
+            pooled[method_label(method)] = np.concatenate([a for a in arrays if a is not None])
+    if pooled:
+        etf = runs[0]["rows"][-1].get("train_etf_margin")
+        path = figures / "margin_distribution.png"
+        plot_histograms(
+            pooled,
+            path=path,
+            title="Final cosine margins, train split (all seeds)",
+            xlabel="cosine margin",
+            reference=etf,
+            reference_label=None if etf is None else f"ETF margin {etf:.4g}",
+            colors={method_label(m): method_color(m) for m in methods},
+        )
+        paths.append(path)
     return paths
 
 
@@ -287,6 +377,8 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
 
     accuracy = _accuracy_table(runs, methods, epochs)
     cost = _cost_table(runs, methods, timing)
+    targets_header, targets_rows = _targets_table(runs, methods)
+    margin_rows = _margin_fractions(runs, methods)
     nc_tables = {split: _nc_table(runs, methods, epochs, split) for split in ("train", "test")}
     caption = (
         f"{config['dataset']} / {config['model']}: top-1 accuracy (%), median [min, max] over seeds"
@@ -298,13 +390,26 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
             f"### NC metrics, {split} split ({nc_caption})\n\n{markdown_table(*table)}\n"
             for split, table in nc_tables.items()
         )
+        + "### Time to target (median [min, max] over seeds)\n\n"
+        + f"{markdown_table(targets_header, targets_rows)}\n"
         + f"### Cost per training step\n\n{markdown_table(*cost)}"
     )
+    if margin_rows:
+        tables_md += (
+            "\n### Final cosine margins within 1 % of the simplex-ETF value K/(K-1), train split"
+            f"\n\n{markdown_table(['method', 'seeds', 'fraction'], margin_rows)}"
+        )
     tables_tex = (
         latex_table(*accuracy, caption=caption, label="tab:accuracy")
         + "".join(
             latex_table(*table, caption=f"{split} split: {nc_caption}", label=f"tab:nc-{split}")
             for split, table in nc_tables.items()
+        )
+        + latex_table(
+            targets_header,
+            targets_rows,
+            caption="Steps and training seconds to target",
+            label="tab:targets",
         )
         + latex_table(*cost, caption="Time per step and peak memory per head", label="tab:cost")
     )
@@ -339,7 +444,11 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
         "Training-run time per step is the median over the run's epochs of the per-epoch median; "
         "peak memory is CUDA max-allocated on a GPU and the process's max RSS on a CPU (runs "
         "share one process in `compare`, so on a CPU it is cumulative). The bench columns time "
-        "every head in one process on one real batch, interleaved. `tables.tex` needs "
+        "every head in one process on one real batch, interleaved. Time to target: the first "
+        "evaluated epoch that meets it (the evaluation schedule is the resolution); seconds are "
+        "each run's own training time up to that epoch (no evaluation), so they include each "
+        "head's per-step cost; the test bar is the median over all runs of their best test "
+        f"top-1 minus {TEST_TARGET_MARGIN} points. `tables.tex` needs "
         "`\\usepackage{booktabs}`.",
         machine,
         *[f"![{path.stem}](figures/{path.name})" for path in figures],

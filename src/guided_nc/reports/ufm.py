@@ -34,6 +34,12 @@ from guided_nc.reports.figures import (
     series_from_rows,
 )
 from guided_nc.reports.tables import format_median_range, markdown_table, summarize
+from guided_nc.reports.targets import (
+    cumulative_seconds,
+    etf_margin_fraction,
+    first_reached,
+    spread_at,
+)
 from guided_nc.runfiles import (
     atomic_write_bytes,
     atomic_write_json,
@@ -132,11 +138,34 @@ def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
     }
 
 
-def _first_iteration(rows: Sequence[dict[str, Any]], predicate) -> int | None:
-    for row in sorted(rows, key=lambda row: row["iteration"]):
-        if predicate(row):
-            return int(row["iteration"])
-    return None
+#: Iterations at which the spread across seeds is reported (those within the run), and the last.
+SPREAD_ITERATIONS = (1, 10, 100, 1000)
+
+
+def _spread(by_seed: dict[int, list]) -> dict[str, dict[str, Any]]:
+    """Loss and NC1 across seeds at :data:`SPREAD_ITERATIONS` and the last iteration.
+
+    NC1 is evaluated only every ``eval_interval`` iterations: the spread uses the last NC1
+    evaluation at or before each iteration (the iteration used is recorded).
+    """
+    last = min(max(row["iteration"] for row in rows) for rows in by_seed.values())
+    spread = {}
+    for target in sorted({*(t for t in SPREAD_ITERATIONS if t < last), last}):
+        losses, nc1s, used = [], [], set()
+        for rows in by_seed.values():
+            at = {row["iteration"]: row for row in rows}
+            losses.append(at[target]["loss"] if target in at else None)
+            evaluated = [r for r in rows if r.get("nc1") is not None and r["iteration"] <= target]
+            if evaluated:
+                latest = max(evaluated, key=lambda row: row["iteration"])
+                nc1s.append(latest["nc1"])
+                used.add(latest["iteration"])
+        spread[str(target)] = {
+            "loss": spread_at(losses),
+            "nc1": spread_at(nc1s),
+            "nc1_iterations": sorted(used),
+        }
+    return spread
 
 
 def summarize_metrics(
@@ -164,17 +193,34 @@ def summarize_metrics(
     names = [method for method in METHOD_VARIANTS if method in present]
     for method in names:
         seeds = sorted({row["seed"] for row in metrics if row["method"] == method})
-        per_seed: dict[str, list] = {"iters_to_full_acc": [], "iters_to_bound": []}
+        per_seed: dict[str, list] = {
+            "iters_to_full_acc": [],
+            "iters_to_bound": [],
+            "seconds_to_full_acc": [],
+            "seconds_to_bound": [],
+        }
         finals: dict[str, list] = {}
+        by_seed: dict[int, list] = {}
         step_times = []
         for seed in seeds:
             rows = [row for row in metrics if row["method"] == method and row["seed"] == seed]
-            per_seed["iters_to_full_acc"].append(
-                _first_iteration(rows, lambda row: row["acc1"] >= 100.0)
+            by_seed[seed] = rows
+            clock = cumulative_seconds(
+                {
+                    row["iteration"]: row["step_seconds"]
+                    for row in timings
+                    if row["method"] == method and row["seed"] == seed
+                }
             )
-            per_seed["iters_to_bound"].append(
-                _first_iteration(rows, lambda row: row["loss"] <= BOUND_FACTOR * bound)
-            )
+            for name, predicate in (
+                ("full_acc", lambda row: row["acc1"] >= 100.0),
+                ("bound", lambda row: row["loss"] <= BOUND_FACTOR * bound),
+            ):
+                iteration = first_reached(rows, predicate)
+                per_seed[f"iters_to_{name}"].append(iteration)
+                # Iteration 0 (the initial state) costs nothing; a missing clock is unknown.
+                seconds = 0.0 if iteration == 0 else clock.get(iteration)
+                per_seed[f"seconds_to_{name}"].append(None if iteration is None else seconds)
             last = max(rows, key=lambda row: row["iteration"])
             for key in ("loss", "acc1", *nc_columns):
                 finals.setdefault(key, []).append(last.get(key))
@@ -190,6 +236,9 @@ def summarize_metrics(
             "seeds": seeds,
             "iters_to_full_acc": summarize(per_seed["iters_to_full_acc"], "largest"),
             "iters_to_bound": summarize(per_seed["iters_to_bound"], "largest"),
+            "seconds_to_full_acc": summarize(per_seed["seconds_to_full_acc"], "largest"),
+            "seconds_to_bound": summarize(per_seed["seconds_to_bound"], "largest"),
+            "spread": _spread(by_seed),
             "reached_full_acc": sum(value is not None for value in per_seed["iters_to_full_acc"]),
             "reached_bound": sum(value is not None for value in per_seed["iters_to_bound"]),
             "per_seed": per_seed,
@@ -281,6 +330,15 @@ def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
     with np.load(out_dir / "final_margins.npz", allow_pickle=False) as archive:
         margins = {key: archive[key] for key in archive.files}
     summary = summarize_metrics(metrics, timings, preset.num_classes, temperature)
+    for method, data in summary["methods"].items():
+        fractions = [
+            etf_margin_fraction(margins[f"{method}/{seed}"], preset.num_classes)
+            if f"{method}/{seed}" in margins
+            else None
+            for seed in data["seeds"]
+        ]
+        data["per_seed"]["etf_margin_fraction"] = fractions
+        data["etf_margin_fraction"] = summarize(fractions)
     # Derived column for the figures only: how far the loss is above the bound.
     bound = summary["ce_lower_bound"]
     metrics = [{**row, "excess_loss": row["loss"] - bound} for row in metrics]
@@ -335,6 +393,38 @@ def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
     return atomic_write_text(out_dir / "report.md", text)
 
 
+def _spread_table(methods: dict[str, Any]) -> list[str]:
+    """Loss and NC1 across seeds at fixed iterations: [min, max] and the width / ratio."""
+    iterations = list(next(iter(methods.values()))["spread"])
+    header = ["method", *(f"loss @{t}" for t in iterations), *(f"NC1 @{t}" for t in iterations)]
+    rows = []
+    for method, data in methods.items():
+        row = [method_label(method)]
+        for key, text in (("loss", _width_text), ("nc1", _ratio_text)):
+            row += [text(data["spread"][t][key]) for t in iterations]
+        rows.append(row)
+    return [
+        "The spread of a method is the range over its seeds: [min, max] of the loss at each "
+        "iteration (width max - min), and of NC1 at the last NC evaluation at or before it "
+        "(ratio max/min). The paper claims the implicit ETF has the smallest spread.",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
+def _width_text(spread: dict[str, Any]) -> str:
+    if spread["min"] is None:
+        return "n/a"
+    return f"[{spread['min']:.4g}, {spread['max']:.4g}] w {spread['width']:.2g}"
+
+
+def _ratio_text(spread: dict[str, Any]) -> str:
+    if spread["min"] is None:
+        return "n/a"
+    ratio = "" if spread["ratio"] is None else f" x{spread['ratio']:.3g}"
+    return f"[{spread['min']:.3g}, {spread['max']:.3g}]{ratio}"
+
+
 def _fmt_iterations(summary: dict[str, Any]) -> str:
     return format_median_range(summary, fmt="{:.0f}", missing_text="never")
 
@@ -371,7 +461,36 @@ def _preset_markdown(summary: dict[str, Any], preset: Preset, figures) -> str:
                 f"{data['reached_bound']}/{count}",
             ]
         )
-    lines += [markdown_table(header, rows), "## Final state (last iteration)", ""]
+    lines += [markdown_table(header, rows), "## Time to target", ""]
+    header = [
+        "method",
+        "iters to 100 % acc",
+        "seconds to 100 % acc",
+        "iters to bound",
+        "seconds to bound",
+    ]
+    rows = [
+        [
+            method_label(method),
+            _fmt_iterations(data["iters_to_full_acc"]),
+            format_median_range(data["seconds_to_full_acc"], fmt="{:.3g}", missing_text="never"),
+            _fmt_iterations(data["iters_to_bound"]),
+            format_median_range(data["seconds_to_bound"], fmt="{:.3g}", missing_text="never"),
+        ]
+        for method, data in methods.items()
+    ]
+    lines += [
+        "Training seconds: the run's own step times (forward, backward, optimiser; no "
+        "evaluation) summed up to the first iteration that meets the target, so each head's "
+        "per-step cost is included. Runs that shared a busy machine are slower in seconds, not "
+        "in iterations.",
+        "",
+        markdown_table(header, rows),
+        "## Spread across seeds",
+        "",
+    ]
+    lines += _spread_table(methods)
+    lines += ["## Final state (last iteration)", ""]
     keys = ("loss", "acc1", "nc1", "nc2_w", "nc2_h", "nc3", "equinorm", "margin_mean", "margin_min")
     rows = [
         [method_label(method)]
@@ -379,6 +498,16 @@ def _preset_markdown(summary: dict[str, Any], preset: Preset, figures) -> str:
         for method, data in methods.items()
     ]
     lines += [markdown_table(["method", *keys], rows)]
+    rows = [
+        [method_label(method), format_median_range(data["etf_margin_fraction"], fmt="{:.3f}")]
+        for method, data in methods.items()
+    ]
+    lines += [
+        f"Fraction of samples whose final cosine margin is within 1 % of the simplex-ETF value "
+        f"K/(K-1) = {preset.num_classes / (preset.num_classes - 1):.4g} (paper Fig. 15c):",
+        "",
+        markdown_table(["method", "fraction >= 0.99 K/(K-1)"], rows),
+    ]
     lines += ["## Time per iteration", ""]
     rows = [
         [
