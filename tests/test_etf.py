@@ -595,6 +595,68 @@ def test_prox_check_at_large_k_uses_norms_and_a_probe(dtype):
         nearest_etf(y, tilted.to(dtype))
 
 
+def compute_dtype_problem(kind, dim, num_classes, seed):
+    """(Y, prox) float64 numpy: random, collapsed (a simplex ETF + 1e-6 noise) or rank-deficient
+    (rank(Y M) = max(1, K // 2))."""
+    y, prox, rng = random_problem(dim, num_classes, seed)
+    if kind == "collapsed":
+        y = etf_features(dim, num_classes, seed) + 1e-6 * rng.standard_normal((dim, num_classes))
+    elif kind == "rank-deficient":
+        rank = max(1, num_classes // 2)
+        y = rng.standard_normal((dim, rank)) @ rng.standard_normal((rank, num_classes))
+    return y / np.linalg.norm(y), prox
+
+
+@pytest.mark.parametrize("route", ["auto", "svd", "newton-schulz"])
+@pytest.mark.parametrize("kind", ["random", "collapsed", "rank-deficient"])
+@pytest.mark.parametrize(("dim", "num_classes"), [(64, 10), (5, 2), (6, 6)])
+def test_compute_dtype_float32_within_documented_error(route, kind, dim, num_classes):
+    # docs/etf.md, "compute_dtype": float32 solves carry ~u_32 cond(A) (u_32 = 6e-8, cond(A) up
+    # to ~2/delta = 2e3 at K = 2): W (through P M) and dL/dY against numpy's float64 SVD.
+    y, prox = compute_dtype_problem(kind, dim, num_classes, seed=dim + num_classes)
+    delta = 1e-3
+    centring = numpy_centering(num_classes)
+    c = 2 / math.sqrt(num_classes - 1)
+    matrix = c * y @ centring + delta * prox
+    exact = numpy_polar(matrix)
+    weights = np.random.default_rng(1).standard_normal((num_classes, dim))
+    features = torch.from_numpy(y).requires_grad_(True)
+    frame = nearest_etf(features, torch.from_numpy(prox), delta, route, compute_dtype=torch.float32)
+    assert frame.dtype == torch.float64  # the features' dtype, whatever the compute dtype
+    (etf_classifier(frame) * torch.from_numpy(weights)).sum().backward()
+    cond = np.linalg.cond(matrix)
+    bound = 2.0**-24 * cond
+    error = np.linalg.norm((frame.detach().numpy() - exact) @ centring) / np.linalg.norm(
+        exact @ centring
+    )
+    assert error < 20 * bound
+    reference = torch.from_numpy(y).requires_grad_(True)
+    (
+        etf_classifier(nearest_etf(reference, torch.from_numpy(prox), delta, "svd"))
+        * torch.from_numpy(weights)
+    ).sum().backward()
+    gradient_error = (features.grad - reference.grad).norm() / reference.grad.norm()
+    assert gradient_error < 100 * bound  # the gradient divides by s_min once more
+
+
+def test_compute_dtype_errors():
+    y = torch.randn(6, 3, dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16, torch.int32):
+        with pytest.raises(ValueError, match=rf"compute_dtype={dtype} is not supported; use"):
+            nearest_etf(y, compute_dtype=dtype)
+
+
+@pytest.mark.parametrize("route", ["auto", *ROUTES, "trust-regions"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_raise_for_every_route(route, bad):
+    # The Gram and Newton-Schulz routes find NaN/Inf themselves (failed threshold, no
+    # convergence) and check only then; the others check first. Same error either way.
+    y = torch.randn(6, 3, dtype=torch.float64)
+    y[2, 1] = bad
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf; check the backbone"):
+        nearest_etf(y, solver=route)
+
+
 # Every device this machine has: the CPU always, CUDA where present (a GPU machine runs both,
 # a CPU-only CI runs the CPU case instead of reporting a skip).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

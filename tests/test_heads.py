@@ -525,6 +525,8 @@ def test_bad_inputs(method, features, labels, error, match):
         ({"alpha_floor": 2.0}, ValueError, "alpha_floor=2.0"),
         ({"running_mean_momentum": 1.5}, ValueError, "running_mean_momentum=1.5"),
         ({"solver": "newton"}, ValueError, "solver='newton'"),
+        ({"solver": "newton-schulz", "delta": 0.0}, ValueError, r"newton-schulz' needs delta > 0"),
+        ({"compute_dtype": torch.float16}, ValueError, "compute_dtype=torch.float16"),
         ({"num_features": 4.0}, TypeError, "num_features must be an int"),
     ],
 )

@@ -680,6 +680,9 @@ def _solve(
                 target = target.to(compute_dtype)
             if route == "newton-schulz" and feature_norm is None:
                 feature_norm = float(torch.linalg.matrix_norm(target))  # ||Y M||_F (a host read)
+                if not math.isfinite(feature_norm):  # NaN/Inf in Y, or an overflowing norm
+                    check_finite_features(features)
+                    route = "svd"
             if delta != 0:
                 if prox is None:  # first-step rule (method.md): prox = eye(d, K)
                     target.diagonal().add_(delta / scale)

@@ -86,11 +86,24 @@ def _working_dtype(features: torch.Tensor) -> torch.Tensor:
     return features.float()
 
 
+def _normalized(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, ||f||)``: :func:`normalize_features` (the same operations, so the same bits) and the
+    row norms (B, 1) it divides by, which the heads reuse as their finiteness test."""
+    features = _working_dtype(features)
+    norms = features.norm(2, dim=-1, keepdim=True)
+    return temperature * (features / norms.clamp_min(1e-12).expand_as(features)), norms
+
+
 def _value_flags(
-    features: torch.Tensor, labels: torch.Tensor | None, num_classes: int
+    norms: torch.Tensor, labels: torch.Tensor | None, num_classes: int
 ) -> torch.Tensor:
-    """A 2-vector of 0/1 ``[features non-finite?, labels out of range?]`` (bool), no host read."""
-    bad_features = ~torch.isfinite(features).all()
+    """A 2-vector of bools ``[features non-finite?, labels out of range?]``, no host read.
+
+    The features are judged through their row norms (B values instead of a pass over the (B, d)
+    batch): a NaN or Inf entry makes its row's norm NaN or Inf. (So does a row whose squared norm
+    overflows, |f| > ~1e19 in float32: such features normalise to garbage anyway.)
+    """
+    bad_features = ~torch.isfinite(norms).all()
     if labels is None:
         return torch.stack([bad_features, torch.zeros_like(bad_features)])
     bad_labels = ((labels < 0) | (labels >= num_classes)).any().to(bad_features.device)
@@ -148,7 +161,7 @@ class _Head(nn.Module):
         Metrics and evaluation take their features from here, so that they see exactly what
         the head sees. float16/bfloat16 features are normalised in float32.
         """
-        return normalize_features(_working_dtype(features), self.temperature)
+        return _normalized(features, self.temperature)[0]
 
     def strict(self, device: torch.device) -> bool:
         """Whether a call on ``device`` raises at once (``"strict"``) or defers (``"deferred"``).
@@ -219,7 +232,7 @@ class _Head(nn.Module):
 
     def _validate_values(
         self,
-        features: torch.Tensor,
+        norms: torch.Tensor,
         labels: torch.Tensor | None,
         strict: bool,
         *,
@@ -230,7 +243,7 @@ class _Head(nn.Module):
         ``reduce`` sums the flags over ranks first (training mode, where every rank steps
         together), so that every rank raises together and no rank is left in a collective.
         """
-        flags = _value_flags(features, labels, self.num_classes)
+        flags = _value_flags(norms, labels, self.num_classes)
         if reduce:
             flags = all_reduce_sum(flags.to(torch.int32))
         if strict:
@@ -303,8 +316,8 @@ class LearnableHead(_Head):
         """Logits (B, K). ``labels`` is accepted for a uniform head interface and only checked."""
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
-        self._validate_values(features, labels, self.strict(features.device), reduce=self.training)
-        h = self.normalize(features)
+        h, norms = _normalized(features, self.temperature)
+        self._validate_values(norms, labels, self.strict(features.device), reduce=self.training)
         weight = self.weight
         logits = F.linear(h.to(weight.dtype), weight, self.bias)
         return logits if logits.dtype == features.dtype else logits.to(features.dtype)
@@ -403,8 +416,10 @@ class _CentredETFHead(_Head):
             weight = float(self.running_mean_momentum)
         return torch.where(first, batch_mean, old + weight * (batch_mean - old))
 
-    def _eval_logits(self, features: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        self._validate_values(features, None, self.strict(features.device), reduce=False)
+    def _eval_logits(
+        self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor
+    ) -> torch.Tensor:
+        self._validate_values(norms, None, self.strict(features.device), reduce=False)
         weight = self.weight.to(h.dtype)
         logits = F.linear(h, weight, -(weight @ self.running_mean.to(h.dtype)))
         return logits if logits.dtype == features.dtype else logits.to(features.dtype)
@@ -474,11 +489,11 @@ class FixedETFHead(_CentredETFHead):
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
         self._check_state()
-        h = self.normalize(features)
+        h, norms = _normalized(features, self.temperature)
         if not self.training:
-            return self._eval_logits(features, h)
+            return self._eval_logits(features, h, norms)
         strict = self.strict(features.device)
-        flags = _value_flags(features, labels, self.num_classes).to(self.compute_dtype)
+        flags = _value_flags(norms, labels, self.num_classes).to(self.compute_dtype)
         sums, count = self._batch_sums(h, None)
         # One all-reduce: [sum of h | count | error flags] (identity without a process group).
         total = all_reduce_sum_with_grad(torch.cat([sums, count.unsqueeze(0), flags]))
@@ -656,22 +671,24 @@ class ImplicitETFHead(_CentredETFHead):
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=self.training)
         self._check_state()
-        h = self.normalize(features)
+        h, norms = _normalized(features, self.temperature)
         if not self.training:
-            return self._eval_logits(features, h)
-        return self._training_step(features, h, labels)
+            return self._eval_logits(features, h, norms)
+        return self._training_step(features, h, norms, labels)
 
     def _training_step(
-        self, features: torch.Tensor, h: torch.Tensor, labels: torch.Tensor
+        self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         d, k = self.num_features, self.num_classes
         compute = self.compute_dtype
         strict = self.strict(features.device)
         labels = labels.to(h.device)
-        flags = _value_flags(features, labels, k).to(compute)
-        # Out-of-range labels match no class: a zero row, no index error, no device assert.
+        # Out-of-range labels match no class: a zero row, no index error, no device assert;
+        # so the one-hot counts also tell whether every label was in range.
         onehot = (labels.unsqueeze(1) == self.class_index).to(h.dtype)  # (B, K)
         sums, counts = self._batch_sums(h, onehot)
+        in_range = counts.sum() == h.shape[0]
+        flags = torch.stack([~torch.isfinite(norms).all(), ~in_range]).to(compute)
         # One all-reduce of [class sums | counts | error flags] (identity without a process
         # group); the gradient of the sums flows back to every rank's features.
         total = all_reduce_sum_with_grad(torch.cat([sums.flatten(), counts, flags]))
