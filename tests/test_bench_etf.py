@@ -9,6 +9,8 @@ import pytest
 
 from guided_nc.bench import etf as bench_etf
 
+NUMBER = r"[\d.]+ (ms|s)"
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -16,20 +18,36 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_bench_runs_closed_form_and_baseline(capsys):
+def test_bench_runs_every_route_against_svd_and_the_baseline(capsys):
     args = parse(["--sizes", "12x4", "--repeats", "1", "--markdown", "--threads", "1"])
     assert bench_etf.run(args) == 0
     out = capsys.readouterr().out
-    assert "d=12 K=4: forward" in out and "baseline forward" in out
+    assert "d=12 K=4: svd(A)" in out and "baseline forward" in out
+    for route in bench_etf.ROUTES:
+        assert f"{route} forward" in out
     table = [line for line in out.splitlines() if line.startswith("| 12 | 4 |")]
-    assert len(table) == 1
+    assert [line.split("|")[3].strip() for line in table] == list(bench_etf.ROUTES)
     cells = [cell.strip() for cell in table[0].strip("|").split("|")]
-    assert len(cells) == 10
-    # Timings and memory are numbers with units; the speed-ups are positive ratios.
-    assert re.fullmatch(r"[\d.]+ (ms|s) \(CPU [\d.]+ (ms|s)\)", cells[2]) and re.fullmatch(
-        r"[\d.]+ (ms|s) \(\d+ it\.\)", cells[5]
-    )
-    assert re.fullmatch(r"[\d,]+x", cells[8]) and re.fullmatch(r"[\d,]+x", cells[9])
+    assert len(cells) == 13
+    # Timings and memory are numbers with units; ratios and speed-ups are positive numbers.
+    assert re.fullmatch(rf"{NUMBER} \(CPU {NUMBER}\)", cells[3])
+    assert re.fullmatch(r"[\d.]+x", cells[5]) and re.fullmatch(r"[\d.]+x", cells[6])
+    assert re.fullmatch(rf"{NUMBER} \(\d+ it\.\)", cells[8])
+    assert re.fullmatch(r"[\d,]+x \((gram|svd|newton-schulz)\)", cells[11])
+    assert re.fullmatch(r"[\d,]+x", cells[12])
+    assert re.search(rf"svd\(A\), float64, same processes: 12x4: {NUMBER}", out)
+
+
+def test_bench_routes_and_compute_dtype_flags(capsys):
+    flags = ["--sizes", "12x4", "--repeats", "1", "--no-baseline", "--threads", "1", "--markdown"]
+    args = parse([*flags, "--routes", "svd", "--compute-dtype", "float32"])
+    assert bench_etf.run(args) == 0
+    out = capsys.readouterr().out
+    assert "compute float32" in out and "svd forward" in out and "gram forward" not in out
+    table = [line for line in out.splitlines() if line.startswith("| 12 | 4 |")]
+    assert len(table) == 1 and len(table[0].strip("|").split("|")) == 8
+    assert bench_etf.run(parse(["--sizes", "12x4", "--routes", "qr"])) == 2
+    assert "--routes='qr': use a subset of gram,svd,newton-schulz" in capsys.readouterr().err
 
 
 def test_bench_skips_a_baseline_that_does_not_fit(capsys):

@@ -455,20 +455,31 @@ def test_out_of_range_labels_rejected_state_unchanged(head_class, bad_label):
     assert_state_equal(before, head)
 
 
-def test_rejection_flagged_by_another_rank(monkeypatch):
-    """Every rank raises when any rank flags its batch: simulate a remote NaN in the reduction."""
+@pytest.mark.parametrize("head_class", [ImplicitETFHead, FixedETFHead])
+@pytest.mark.parametrize("validation", ["strict", "deferred"])
+def test_rejection_flagged_by_another_rank(monkeypatch, head_class, validation):
+    """Every rank rejects when any rank flags its batch: simulate a remote NaN in the reduction
+    (the statistics end with the two error flags [features, labels], summed over ranks)."""
 
     def reduce_with_remote_error(tensor):
         out = tensor.clone()
-        out[-1, 0] += 1  # the error-flag row, first entry: non-finite features elsewhere
+        out[-2] += 1  # non-finite features on another rank
         return out
 
-    head = ImplicitETFHead(4, 3)
+    head = head_class(4, 3, validation=validation)
+    head(torch.randn(6, 4), torch.arange(6) % 3)  # one clean step first: a non-trivial state
     before = state_copy(head)
     monkeypatch.setattr(heads_module, "all_reduce_sum_with_grad", reduce_with_remote_error)
-    with pytest.raises(ValueError, match=r"NaN or Inf \(on 1 rank"):
-        head(torch.randn(6, 4), torch.arange(6) % 3)
+    if validation == "strict":
+        with pytest.raises(ValueError, match=r"NaN or Inf \(on 1 rank"):
+            head(torch.randn(6, 4), torch.arange(6) % 3)
+    else:
+        head(torch.randn(6, 4), torch.arange(6) % 3)  # no host read, no error yet
+        assert head.rejected_batches.tolist() == [1, 0, 0]
     assert_state_equal(before, head)
+    if validation == "deferred":
+        with pytest.raises(ValueError, match=r"rejected 1 batch\(es\).*1 with non-finite"):
+            head.check()
 
 
 def test_training_requires_labels():
@@ -514,6 +525,8 @@ def test_bad_inputs(method, features, labels, error, match):
         ({"alpha_floor": 2.0}, ValueError, "alpha_floor=2.0"),
         ({"running_mean_momentum": 1.5}, ValueError, "running_mean_momentum=1.5"),
         ({"solver": "newton"}, ValueError, "solver='newton'"),
+        ({"solver": "newton-schulz", "delta": 0.0}, ValueError, r"newton-schulz' needs delta > 0"),
+        ({"compute_dtype": torch.float16}, ValueError, "compute_dtype=torch.float16"),
         ({"num_features": 4.0}, TypeError, "num_features must be an int"),
     ],
 )
@@ -604,3 +617,294 @@ def test_state_dict_round_trip_resumes_bit_identically(method):
     resumed = _train(model, head, optimizer, batches[3:])
     for expected, got in zip(uninterrupted[3:], resumed, strict=True):
         assert torch.equal(expected, got)
+
+
+# --- validation modes: strict raises at once, deferred counts and raises at check() -------------
+
+
+def _bad_batch(kind, generator, dtype=torch.float32):
+    features = torch.randn(6, 4, generator=generator, dtype=dtype)
+    labels = torch.arange(6) % 3
+    if kind in ("nan", "inf"):
+        features[2, 1] = float(kind)
+    else:
+        labels[3] = 3 if kind == "label-high" else -1
+    return features, labels
+
+
+def _buffers_copy(module):
+    return {name: value.clone() for name, value in module.named_buffers()}
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "label-high", "label-negative"])
+def test_deferred_mode_leaves_state_bit_identical_and_reports_at_check(method, kind):
+    generator = torch.Generator().manual_seed(0)
+    clean = [(torch.randn(6, 4, generator=generator), torch.arange(6) % 3) for _ in range(2)]
+    bad = _bad_batch(kind, generator)
+    head = build_head(method, 4, 3, validation="deferred")
+    reference = build_head(method, 4, 3, validation="deferred")
+    reference.load_state_dict(head.state_dict())
+    head(*clean[0])
+    before, buffers = state_copy(head), _buffers_copy(head)
+    logits = head(*bad)  # no host read: no error here
+    assert logits.shape == (6, 3)
+    assert_state_equal(before, head)
+    counts = head.rejected_batches.tolist()
+    assert counts == ([1, 0, 0] if kind in ("nan", "inf") else [0, 1, 0])
+    for name, value in head.named_buffers():  # every buffer but the counter is bit-identical
+        assert name == "rejected_batches" or torch.equal(value, buffers[name]), name
+    with pytest.raises(ValueError, match=r"rejected 1 batch\(es\) since the last check\(\)"):
+        head.check()
+    head.check()  # the counter was reset: nothing pending
+    # The rejected batch is as if it never happened: same state as a head that never saw it.
+    head(*clean[1])
+    reference(*clean[0])
+    reference(*clean[1])
+    assert_state_equal(state_copy(reference), head)
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
+def test_deferred_rejections_surface_at_train_eval_switch_and_in_eval(method):
+    generator = torch.Generator().manual_seed(1)
+    head = build_head(method, 4, 3, validation="deferred")
+    head(*_bad_batch("nan", generator))
+    with pytest.raises(ValueError, match=r"1 with non-finite features \(check the backbone"):
+        head.eval()
+    assert not head.training  # the switch happened; the report came after it
+    features = torch.randn(5, 4, generator=generator)
+    features[0, 0] = float("nan")
+    head(features)  # eval batches are counted too, without a host read
+    assert head.rejected_batches.tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="non-finite features"):
+        head.train()
+    labels = torch.arange(6) % 3
+    labels[0] = 7
+    head(torch.randn(6, 4, generator=generator), labels)
+    with pytest.raises(
+        ValueError, match=r"1 with labels out of range \(labels must lie in \[0, 2\]"
+    ):
+        head.check()
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
+@pytest.mark.parametrize("kind", ["nan", "label-high"])
+def test_strict_mode_raises_at_once_for_every_head(method, kind):
+    head = build_head(method, 4, 3, validation="strict")
+    generator = torch.Generator().manual_seed(2)
+    head(torch.randn(6, 4, generator=generator), torch.arange(6) % 3)
+    before = state_copy(head)
+    match = r"features contain NaN or Inf" if kind == "nan" else r"labels must lie in \[0, 2\]"
+    with pytest.raises(ValueError, match=match):
+        head(*_bad_batch(kind, generator))
+    assert_state_equal(before, head)
+    assert head.rejected_batches.tolist() == [0, 0, 0]
+
+
+def test_validation_mode_resolution_and_errors():
+    head = ImplicitETFHead(4, 3)
+    assert head.validation == "auto"
+    assert head.strict(torch.device("cpu")) and not head.strict(torch.device("cuda"))
+    assert not ImplicitETFHead(4, 3, validation="deferred").strict(torch.device("cpu"))
+    assert LearnableHead(4, 3, validation="strict").strict(torch.device("cuda"))
+    assert "validation='auto'" in repr(head) and "compute_dtype=torch.float64" in repr(head)
+    for head_class in (LearnableHead, FixedETFHead, ImplicitETFHead):
+        with pytest.raises(ValueError, match=r"validation='lazy' is not supported; use 'auto'"):
+            head_class(4, 3, validation="lazy")
+    assert "rejected_batches" not in head.state_dict()  # a report, not state
+
+
+def test_deferred_newton_schulz_non_convergence_is_rejected(monkeypatch):
+    """A Newton-Schulz solve that did not converge is a rejected step, counted and reported."""
+    import guided_nc.etf as etf_module
+
+    head = ImplicitETFHead(6, 3, solver="newton-schulz", validation="deferred")
+    generator = torch.Generator().manual_seed(3)
+    head(torch.randn(9, 6, generator=generator), torch.arange(9) % 3)
+    assert head.rejected_batches.tolist() == [0, 0, 0]  # the real schedule converges
+    before = state_copy(head)
+    # Two steps of the schedule cannot lift singular values of ~1e-3 to 1.
+    real = etf_module.newton_schulz_schedule
+    monkeypatch.setattr(etf_module, "newton_schulz_schedule", lambda *a: real(*a)[:2])
+    head(torch.randn(9, 6, generator=generator), torch.arange(9) % 3)
+    assert_state_equal(before, head)
+    assert head.rejected_batches.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match=r"solve did not converge.*solver='gram' or 'svd'"):
+        head.check()
+    # Strict mode reads the flag on the host and answers with the SVD instead.
+    strict = ImplicitETFHead(6, 3, solver="newton-schulz", validation="strict")
+    strict.load_state_dict(before)
+    features, labels = torch.randn(9, 6, generator=generator), torch.arange(9) % 3
+    strict(features, labels)
+    oracle = ImplicitETFHead(6, 3, solver="svd", validation="strict")
+    oracle.load_state_dict(before)
+    oracle(features, labels)
+    torch.testing.assert_close(strict.frame, oracle.frame, atol=1e-6, rtol=0)
+
+
+# --- precision: any frame dtype, float32 -> float64 continuation, half precision ----------------
+
+
+def test_trust_region_head_trains_past_step_two_in_the_default_dtype():
+    head = ImplicitETFHead(32, 10, solver="trust-regions")
+    oracle = NumpyImplicitHead(32, 10)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        features = torch.randn(40, 32, generator=generator)
+        labels = torch.arange(40) % 10
+        head(features, labels)
+        oracle.step(features.double().numpy(), labels.numpy())
+    assert int(head.num_steps) == 4
+    # 30 trust-region iterations stop at gradient norm 1e-6: P agrees to ~1e-6.
+    torch.testing.assert_close(
+        head.frame.double(), torch.from_numpy(oracle.frame), atol=1e-5, rtol=0
+    )
+
+
+def _numpy_oracle_from(head):
+    """A NumpyImplicitHead started from ``head``'s current state (float64 copies)."""
+    oracle = NumpyImplicitHead(head.num_features, head.num_classes)
+    oracle.average = head.class_mean_average.double().numpy().copy()
+    oracle.frame = head.frame.double().numpy().copy()
+    oracle.running_mean = head.running_mean.double().numpy().copy()
+    oracle.seen = head.classes_seen.numpy().copy()
+    oracle.t = int(head.num_steps)
+    return oracle
+
+
+@pytest.mark.parametrize("how", ["double()", "load_state_dict"])
+def test_float32_to_float64_continuation(how):
+    generator = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(12, 8, generator=generator, dtype=torch.float64), torch.arange(12) % 4)
+        for _ in range(6)
+    ]
+    single = ImplicitETFHead(8, 4)  # float32 state
+    for features, labels in batches[:3]:
+        single(features.float(), labels)
+    if how == "double()":
+        head = single.double()
+    else:
+        head = ImplicitETFHead(8, 4, dtype=torch.float64)
+        head.load_state_dict(single.state_dict())  # a float32 frame, judged as float32
+    assert head.frame.dtype == torch.float64
+    oracle = _numpy_oracle_from(head)  # continues from the float32-rounded state
+    for features, labels in batches[3:]:
+        logits = head(features, labels)
+        expected, weight = oracle.step(features.numpy(), labels.numpy())
+        torch.testing.assert_close(logits, torch.from_numpy(expected), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(head.weight, torch.from_numpy(weight), atol=1e-10, rtol=1e-10)
+    assert int(head.num_steps) == 6
+
+
+def test_loaded_frame_is_validated_once_with_its_own_dtype():
+    head = ImplicitETFHead(8, 4, dtype=torch.float64)
+    state = ImplicitETFHead(8, 4).state_dict()  # float32
+    tilted = state["frame"].clone()
+    tilted[:, 1] += 1e-3 * tilted[:, 0]  # off by 1e-3 > the float32 tolerance 1e-4
+    with pytest.raises(ValueError, match=r"frame in the state_dict must have orthonormal.*float32"):
+        head.load_state_dict({**state, "frame": tilted})
+    rounded = state["frame"].clone()
+    rounded[:, 1] += 1e-6 * rounded[:, 0]  # float32-level error: fine as float32, not float64
+    head.load_state_dict({**state, "frame": rounded})
+    with pytest.raises(ValueError, match=r"frame in the state_dict.*float64"):
+        head.load_state_dict({**state, "frame": rounded.double()})
+
+
+@pytest.mark.parametrize("head_class", [FixedETFHead, ImplicitETFHead])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_state_is_refused_with_the_dtype_to_use(head_class, dtype):
+    with pytest.raises(ValueError, match=r"too coarse.*use dtype=torch.float32 or torch.float64"):
+        head_class(4, 3, dtype=dtype)
+    head = head_class(4, 3).to(dtype)
+    with pytest.raises(TypeError, match=r"state is torch\.(b?float16).*call head\.float\(\)"):
+        head(torch.randn(6, 4, dtype=dtype), torch.arange(6) % 3)
+    head.float()
+    head(torch.randn(6, 4, dtype=dtype), torch.arange(6) % 3)  # half features are fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features(dtype):
+    generator = torch.Generator().manual_seed(6)
+    batches = [
+        (torch.randn(12, 8, generator=generator).to(dtype), torch.arange(12) % 4) for _ in range(3)
+    ]
+    head = ImplicitETFHead(8, 4)
+    oracle = NumpyImplicitHead(8, 4)
+    for features, labels in batches:
+        logits = head(features, labels)
+        assert logits.dtype == dtype
+        # The oracle sees the same half-precision features in float64: the statistics are
+        # computed in float32/float64, so only the logits' rounding to the half dtype remains.
+        expected, weight = oracle.step(features.double().numpy(), labels.numpy())
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(
+            logits.double(), torch.from_numpy(expected), atol=8 * eps * 5, rtol=2 * eps
+        )
+        torch.testing.assert_close(
+            head.weight.double(), torch.from_numpy(weight), atol=1e-5, rtol=0
+        )
+    fixed = FixedETFHead(8, 4)
+    assert fixed(batches[0][0]).dtype == dtype
+    learnable = LearnableHead(8, 4)
+    out = learnable(batches[0][0])
+    assert out.dtype == dtype
+    expected = (
+        np_normalize(batches[0][0].double().numpy(), 5.0)
+        @ learnable.weight.detach().double().numpy().T
+    )
+    torch.testing.assert_close(out.double(), torch.from_numpy(expected), atol=8 * eps * 5, rtol=0)
+    half_head = LearnableHead(8, 4).to(dtype)  # a learnable head may itself be half precision
+    assert half_head(batches[0][0].float()).dtype == torch.float32
+
+
+def test_float32_statistics_stay_accurate_when_class_means_nearly_coincide():
+    """Early training: every feature close to one direction, classes apart by 1e-4 of tau.
+    The sums are reduced in float32 with the batch shifted by its first row; unshifted float32
+    sums would carry ~1e-3 relative error on Ybar here (docs/heads.md)."""
+    generator = torch.Generator().manual_seed(7)
+    common = 3 * torch.randn(64, generator=generator)
+    offsets = torch.randn(4, 64, generator=generator)
+    labels = torch.arange(32) % 4
+    features = common + 1e-4 * offsets[labels] + 1e-5 * torch.randn(32, 64, generator=generator)
+    head = ImplicitETFHead(64, 4)
+    head(features, labels)  # float32 features
+    # Oracle: float64 means of exactly the float32 h the head classifies (isolates the sums).
+    h = head.normalize(features).double().numpy()
+    centred = np.stack([h[labels.numpy() == c].mean(0) - h.mean(0) for c in range(4)], axis=1)
+    error = np.linalg.norm(head.class_mean_average.double().numpy() - centred)
+    # float32 storage of Ybar itself rounds at 6e-8 relative; the unshifted sums gave 1e-3.
+    assert error / np.linalg.norm(centred) < 1e-5
+    unshifted = (
+        (torch.nn.functional.one_hot(labels, 4).float().T @ head.normalize(features)).double() / 8.0
+    ).numpy()
+    naive = (unshifted - unshifted.mean(0)).T
+    assert np.linalg.norm(naive - centred) / np.linalg.norm(centred) > 1e-4  # what it avoids
+
+
+@pytest.mark.parametrize("method", ["fixed", "implicit"])
+def test_compute_dtype_float32_heads_close_to_float64(method):
+    generator = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(40, 32, generator=generator), torch.arange(40) % 10) for _ in range(3)]
+    heads = {
+        dtype: build_head(method, 32, 10, compute_dtype=dtype) for dtype in COMPUTE_DTYPES_TESTED
+    }
+    for features, labels in batches:
+        outputs = {}
+        for dtype, head in heads.items():
+            x = features.clone().requires_grad_(True)
+            logits = head(x, labels)
+            nn.functional.cross_entropy(logits, labels).backward()
+            outputs[dtype] = (logits.detach(), x.grad)
+        # docs/etf.md: float32 solves are ~1e-6 on W and 1e-6-4e-5 on the gradient.
+        reference, single = outputs[torch.float64], outputs[torch.float32]
+        torch.testing.assert_close(single[0], reference[0], atol=1e-4, rtol=1e-4)
+        scale = reference[1].abs().max()
+        torch.testing.assert_close(single[1], reference[1], atol=1e-3 * scale, rtol=0)
+    assert heads[torch.float32].weight.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"compute_dtype=torch.float16 is not supported"):
+        build_head(method, 32, 10, compute_dtype=torch.float16)
+    assert isinstance(build_head("standard", 32, 10, compute_dtype=torch.float32), LearnableHead)
+
+
+COMPUTE_DTYPES_TESTED = (torch.float64, torch.float32)

@@ -286,3 +286,97 @@ def test_scheduler_errors(kwargs, match):
     optimizer = build_optimizer("sgd", [nn.Parameter(torch.randn(2, 2))])
     with pytest.raises(ValueError, match=match):
         build_scheduler(optimizer, **kwargs)
+
+
+# --- non-finite gradients and argument validation ------------------------------------------------
+
+
+def _named_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_agd_strict_refuses_a_non_finite_gradient_and_names_the_parameter(bad):
+    model = _named_model()
+    optimizer = AGD(model.named_parameters(), validation="strict")
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    eta = optimizer.last_eta.clone()
+    model.zero_grad()
+    model(torch.randn(5, 4)).sum().backward()
+    model[1].weight.grad[0, 1] = bad
+    with pytest.raises(
+        ValueError, match=r"refused 1 step\(s\): the gradient of parameter '1\.weight'"
+    ):
+        optimizer.step()
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q)  # no weight changed, not even the finite one
+    assert torch.equal(optimizer.last_eta, eta)
+
+
+def test_agd_deferred_refuses_on_the_device_and_reports_at_check():
+    model = _named_model()
+    optimizer = AGD(model.named_parameters(), validation="deferred")
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(5, 4, generator=generator) for _ in range(3)]
+    model(inputs[0]).sum().backward()
+    optimizer.step()
+    eta = optimizer.last_eta.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    model(inputs[1]).sum().backward()
+    model[0].weight.grad[2, 2] = float("nan")
+    optimizer.step()  # no error, no host read
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(optimizer.last_eta, eta)  # a refused step leaves eta as it was
+    with pytest.raises(
+        ValueError, match=r"parameter '0\.weight' with shape \(3, 4\) is not finite"
+    ):
+        optimizer.check()
+    optimizer.check()  # reset
+    # The next clean step is the one numpy predicts from the unchanged weights.
+    model.zero_grad()
+    model(inputs[2]).sum().backward()
+    grads = [p.grad.double().numpy() for p in model.parameters()]
+    expected, _ = numpy_agd_step([w.double().numpy() for w in before], grads, gains=[10.0, 10.0])
+    optimizer.step()
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach().double(), torch.from_numpy(e), atol=1e-6, rtol=1e-6)
+    # A checkpoint reports pending refusals too.
+    model[1].weight.grad[0, 0] = float("inf")
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"parameter '1\.weight'"):
+        optimizer.state_dict()
+
+
+def test_agd_validation_modes():
+    weight = nn.Parameter(torch.zeros(2, 2))
+    assert AGD([weight]).strict(torch.device("cpu"))
+    assert not AGD([weight]).strict(torch.device("cuda"))
+    assert not AGD([weight], validation="deferred").strict(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"validation='sometimes' is not supported"):
+        AGD([weight], validation="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"name": "sgd", "lr": float("nan")}, ValueError, r"lr=nan must be a finite number > 0"),
+        ({"name": "sgd", "lr": 0.0}, ValueError, r"lr=0.0 must be a finite number > 0"),
+        ({"name": "adam", "lr": -1e-3}, ValueError, r"lr=-0.001 must be a finite number > 0"),
+        ({"name": "agd", "lr": float("inf")}, ValueError, r"lr=inf must be a finite number > 0"),
+        ({"name": "agd", "gain": 0.0}, ValueError, r"gain=0.0 must be a finite number > 0"),
+        ({"name": "agd", "gain": float("nan")}, ValueError, r"gain=nan must be a finite"),
+        ({"name": "sgd", "momentum": -0.5}, ValueError, r"momentum=-0.5 must be a finite .* >= 0"),
+        ({"name": "sgd", "momentum": float("nan")}, ValueError, r"momentum=nan must be"),
+        ({"name": "adamw", "weight_decay": -0.01}, ValueError, r"weight_decay=-0.01 must be"),
+        ({"name": "sgd", "weight_decay": float("inf")}, ValueError, r"weight_decay=inf must be"),
+        ({"name": "sgd", "lr": "0.1"}, TypeError, r"lr must be a number, got str"),
+    ],
+)
+def test_build_optimizer_refuses_bad_numbers(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build_optimizer(params=[nn.Parameter(torch.randn(2, 2))], **kwargs)

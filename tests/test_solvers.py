@@ -218,3 +218,24 @@ def test_dense_backward_errors():
         dense_ddn_backward(y, prox, prox, 1e-3, torch.zeros(3, 6))
     with pytest.raises(ValueError, match=r"frame must have orthonormal columns"):
         dense_ddn_backward(y, 2 * prox, prox, 1e-3, prox)
+
+
+def test_readme_trust_region_snippet_with_float32_inputs():
+    # README: P_tr = nearest_etf(Y, P_prev, solver="trust-regions") with float32 Y (it failed
+    # before the validators judged a prox with its own dtype's tolerance).
+    rng = np.random.default_rng(9)
+    centred = rng.standard_normal((32, 10))
+    y = torch.from_numpy(centred / np.linalg.norm(centred)).float().requires_grad_(True)
+    previous = nearest_etf(y.detach())  # float32, like a head's stored frame
+    assert previous.dtype == torch.float32
+    frame = nearest_etf(y, previous, solver="trust-regions")
+    assert frame.dtype == torch.float32
+    c = 2 / math.sqrt(9)
+    expected = numpy_oracles.numpy_polar(
+        c * centred / np.linalg.norm(centred) @ numpy_oracles.numpy_centering(10)
+        + 1e-3 * previous.double().numpy()
+    )
+    # 30 iterations to gradient norm 1e-6: P to ~1e-6, then float32 rounding.
+    np.testing.assert_allclose(frame.detach().double().numpy(), expected, atol=1e-5)
+    frame.sum().backward()
+    assert y.grad.dtype == torch.float32 and torch.isfinite(y.grad).all()

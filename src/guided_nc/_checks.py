@@ -17,21 +17,35 @@ import torch
 
 __all__ = [
     "COMPUTE_DTYPE",
+    "COMPUTE_DTYPES",
+    "VALIDATION_MODES",
     "check_batch_features",
     "check_class_matrix",
+    "check_compute_dtype",
     "check_delta",
+    "check_finite_features",
     "check_head_sizes",
     "check_labels",
     "check_max_iterations",
     "check_positive",
     "check_sizes",
     "check_stiefel",
+    "check_validation",
     "orthonormality_error",
     "stored_tolerance",
 ]
 
-#: dtype in which the nearest-ETF solve, its backward and the heads' statistics run.
+#: dtype in which the nearest-ETF solve, its backward and the heads' statistics run by default.
 COMPUTE_DTYPE = torch.float64
+
+#: dtypes a caller may ask the solve to run in (``compute_dtype=``): float64, or float32 for
+#: devices with slow float64 (docs/etf.md, "compute_dtype").
+COMPUTE_DTYPES = (torch.float64, torch.float32)
+
+#: How the heads (and AGD) report bad values: ``"strict"`` raises at once (one host read per
+#: call), ``"deferred"`` counts on the device and raises at the next explicit check, ``"auto"``
+#: is strict on the CPU and deferred on accelerators (docs/heads.md, "Validation").
+VALIDATION_MODES = ("auto", "strict", "deferred")
 
 
 def stored_tolerance(dtype: torch.dtype) -> float:
@@ -61,10 +75,12 @@ def check_sizes(dim: int, num_classes: int) -> None:
         )
 
 
-def check_class_matrix(features: torch.Tensor) -> int:
-    """A (d, K) float matrix of class means, finite, d >= K >= 2; returns K.
+def check_class_matrix(features: torch.Tensor, *, finite: bool = True) -> int:
+    """A (d, K) float matrix of class means, d >= K >= 2 (and finite); returns K.
 
-    The finiteness test reads the tensor on the host (one synchronisation on a GPU).
+    The finiteness test reads the tensor on the host (one synchronisation on a GPU); callers
+    that find non-finite values another way pass ``finite=False`` and call
+    :func:`check_finite_features` when they do.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -77,12 +93,18 @@ def check_class_matrix(features: torch.Tensor) -> int:
         raise TypeError(f"features must be floating point, got dtype {features.dtype}")
     dim, num_classes = features.shape
     check_sizes(dim, num_classes)
-    if not torch.isfinite(features).all():
+    if finite:
+        check_finite_features(features)
+    return num_classes
+
+
+def check_finite_features(features: torch.Tensor, name: str = "features") -> None:
+    """ValueError if ``features`` holds NaN or Inf (one host read)."""
+    if not bool(torch.isfinite(features).all()):
         raise ValueError(
-            "features contain NaN or Inf; check the backbone output (e.g. lower the learning "
+            f"{name} contain NaN or Inf; check the backbone output (e.g. lower the learning "
             "rate) before computing the nearest ETF"
         )
-    return num_classes
 
 
 def check_max_iterations(max_iterations: int) -> None:
@@ -110,18 +132,38 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
-def orthonormality_error(frame: torch.Tensor) -> torch.Tensor:
-    """``max(|column norms^2 - 1|, max|(P^T P - I) x|)`` for two fixed unit probes x, float64.
+#: Up to this K the checks form ``P^T P`` in full (d K^2 multiply-adds, a handful of ops); above
+#: it they use the O(dK) probes (the Gram matrix would cost as much as the solve itself).
+FULL_GRAM_MAX_CLASSES = 16
+
+
+def orthonormality_error(frame: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``max(|column norms^2 - 1|, max|(P^T P - I) x|)`` for a fixed unit probe x.
 
     O(dK) instead of the O(dK^2) Gram matrix: ``P^T P = I`` iff ``P^T P x = x`` for every x,
-    so the column norms are tested exactly and ``P^T P - I`` on two fixed generic probe
-    vectors (missing a defect would need ``P^T P - I`` to vanish on both, a measure-zero event
-    for these fixed pseudo-random probes). Returns a 0-dim tensor on the frame's device.
+    so the column norms are tested exactly and ``P^T P - I`` on one fixed generic probe vector
+    (missing a defect would need ``P^T P - I`` to vanish on it, a measure-zero event for this
+    fixed pseudo-random probe; two matrix-vector products, not a skinny matrix product, which
+    ran 3x slower). For K <= 16 it is ``max|P^T P - I|`` itself (fewer operations there).
+    Computed in ``dtype`` (default: the frame's dtype, at least float32: rounding in the check,
+    ~K u, stays far below the tolerance of the dtype the frame is stored in). No host
+    synchronisation.
+
+    Shape: frame (d, K) -> 0-dim tensor in ``dtype`` on the frame's device.
     """
-    matrix = frame.detach().to(COMPUTE_DTYPE)
-    norm_error = (matrix.pow(2).sum(dim=0) - 1.0).abs().max()
-    probes = _probe_vectors(frame.shape[-1], matrix.device)
-    probe_error = (matrix.T @ (matrix @ probes) - probes).abs().max()
+    if dtype is None:
+        dtype = torch.promote_types(frame.dtype, torch.float32)
+    matrix = frame.detach()
+    if matrix.dtype != dtype:
+        matrix = matrix.to(dtype)
+    num_classes = frame.shape[-1]
+    if num_classes <= FULL_GRAM_MAX_CLASSES:
+        identity = _negative_identity(num_classes, matrix.device, dtype)
+        deviation = torch.addmm(identity, matrix.transpose(-2, -1), matrix)
+        return torch.linalg.vector_norm(deviation, ord=math.inf)  # max|P^T P - I|
+    norm_error = (torch.linalg.vector_norm(matrix, dim=0).square() - 1.0).abs().amax()
+    probe = probe_vectors(num_classes, matrix.device, dtype)
+    probe_error = (matrix.transpose(-2, -1).mv(matrix.mv(probe)) - probe).abs().amax()
     return torch.maximum(norm_error, probe_error)
 
 
@@ -129,30 +171,82 @@ def check_stiefel(frame: torch.Tensor, name: str, dim: int, num_classes: int) ->
     """A (d, K) tensor with orthonormal columns, judged with the tolerance of *its* dtype.
 
     A float32 point passed to a float64 computation is still judged as float32 (issue: a
-    float32-rounded previous frame must not fail a float64 tolerance). Returns ``frame``.
+    float32-rounded previous frame must not fail a float64 tolerance). One host read (the
+    verdict). Returns ``frame``.
     """
     if not isinstance(frame, torch.Tensor) or tuple(frame.shape) != (dim, num_classes):
         shape = tuple(frame.shape) if isinstance(frame, torch.Tensor) else type(frame).__name__
         raise ValueError(f"{name} must be a ({dim}, {num_classes}) tensor, got {shape}")
     if not frame.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {frame.dtype}")
-    error = orthonormality_error(frame)
+    error = orthonormality_error(frame).item()
     tolerance = stored_tolerance(frame.dtype)
-    if not torch.isfinite(error) or error > tolerance:
+    if not error <= tolerance:  # False for NaN too
         raise ValueError(
             f"{name} must have orthonormal columns (P^T P = I), but max|(P^T P - I) x| = "
-            f"{float(error):.3g} > {tolerance:g} (the tolerance of {frame.dtype}) for unit "
+            f"{error:.3g} > {tolerance:g} (the tolerance of {frame.dtype}) for unit "
             "probes x; pass a Stiefel point, e.g. the previous nearest_etf output"
         )
     return frame
 
 
-def _probe_vectors(num_classes: int, device: torch.device) -> torch.Tensor:
-    """Two fixed unit vectors of length K (float64) with generic, non-zero entries."""
-    probes = torch.randn(
-        num_classes, 2, generator=torch.Generator().manual_seed(0), dtype=COMPUTE_DTYPE
-    )
-    return (probes / probes.norm(dim=0)).to(device)
+#: Probe vectors already made, per (K, device, dtype): every call of a check used to draw them
+#: again (a generator, a randn and a copy per call, most of the cost of a check at small K).
+_PROBES: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def probe_vectors(
+    num_classes: int, device: torch.device | str, dtype: torch.dtype = COMPUTE_DTYPE
+) -> torch.Tensor:
+    """A fixed unit vector of length K with generic, non-zero entries (cached).
+
+    Drawn once in float64 on the CPU from seed 0 (the same probe on every device), then cast.
+
+    Shape: returns (K,) in ``dtype`` on ``device``. Treat it as read-only.
+    """
+    key = (num_classes, torch.device(device), dtype)
+    probe = _PROBES.get(key)
+    if probe is None:
+        draw = torch.randn(
+            num_classes, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
+        probe = (draw / draw.norm()).to(device=key[1], dtype=dtype)
+        _PROBES[key] = probe
+    return probe
+
+
+_NEGATIVE_IDENTITIES: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _negative_identity(num_classes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``-I_K`` (cached; read-only), the addend of ``P^T P - I`` in one ``addmm``."""
+    key = (num_classes, device, dtype)
+    matrix = _NEGATIVE_IDENTITIES.get(key)
+    if matrix is None:
+        matrix = -torch.eye(num_classes, dtype=dtype, device=device)
+        _NEGATIVE_IDENTITIES[key] = matrix
+    return matrix
+
+
+def check_compute_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """``compute_dtype`` must be one of :data:`COMPUTE_DTYPES`; returns it."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype={compute_dtype} is not supported; use torch.float64 (the default) or "
+            "torch.float32 (for devices with slow float64, docs/etf.md)"
+        )
+    return compute_dtype
+
+
+def check_validation(validation: str) -> str:
+    """``validation`` must be one of :data:`VALIDATION_MODES`; returns it."""
+    if validation not in VALIDATION_MODES:
+        raise ValueError(
+            f"validation={validation!r} is not supported; use 'auto' (strict on the CPU, deferred "
+            "on accelerators), 'strict' (raise at once) or 'deferred' (count on the device, raise "
+            "at the next check())"
+        )
+    return validation
 
 
 # --- heads: batches of features and labels -------------------------------------------------------

@@ -14,7 +14,15 @@ implicit ETF  the nearest simplex ETF of the class means   ``-W mu_G`` (batch me
 The ETF heads hold their state in persistent buffers, like batch norm's running statistics, so a
 ``state_dict`` round trip resumes a run bit-identically. Under ``torch.distributed`` the batch
 statistics are summed over ranks with :mod:`guided_nc.distributed` before they are used, so every
-rank builds the same W and b. Decisions and the exact update rules are in ``docs/heads.md``.
+rank builds the same W and b.
+
+Bad values (NaN/Inf features, labels outside [0, K)) never change the state. How they are
+reported is the ``validation`` mode: ``"strict"`` raises at once (one host read per call),
+``"deferred"`` commits the state with ``torch.where`` on an on-device flag, counts the rejected
+batch in a device counter and raises at the next :meth:`check` (called by ``train()``/``eval()``),
+so the training step reads nothing on the host; ``"auto"`` (default) is strict on the CPU and
+deferred elsewhere, and ``torch.compile`` always traces the deferred step. Decisions and the
+exact update rules are in ``docs/heads.md``.
 """
 
 from __future__ import annotations
@@ -28,13 +36,16 @@ from torch import nn
 from guided_nc._checks import (
     COMPUTE_DTYPE,
     check_batch_features,
+    check_compute_dtype,
     check_delta,
     check_head_sizes,
     check_labels,
     check_positive,
+    check_stiefel,
+    check_validation,
 )
-from guided_nc.distributed import all_reduce_sum_with_grad
-from guided_nc.etf import check_solver, etf_classifier, nearest_etf, simplex_etf
+from guided_nc.distributed import all_reduce_sum, all_reduce_sum_with_grad
+from guided_nc.etf import _solve, check_solver, etf_classifier, resolve_solver, simplex_etf
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS
 
 __all__ = [
@@ -49,6 +60,13 @@ __all__ = [
 #: Floor of the class-mean smoothing factor alpha_t (paper section 3.5).
 DEFAULT_ALPHA_FLOOR = 1e-4
 
+#: Reasons a batch is rejected, in the order of the ``rejected_batches`` counter.
+REJECTION_REASONS = ("non-finite features", "labels out of range", "solver not converged")
+
+#: dtypes an ETF head may keep its state in (float16/bfloat16 are too coarse for a Stiefel frame
+#: and for running statistics; features of those dtypes are fine).
+STATE_DTYPES = (torch.float32, torch.float64)
+
 
 def normalize_features(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample normalisation ``h = tau * f / ||f||_2`` (method.md section 1).
@@ -60,16 +78,36 @@ def normalize_features(features: torch.Tensor, temperature: float) -> torch.Tens
     return temperature * F.normalize(features, dim=-1)
 
 
-def _value_errors(
-    features: torch.Tensor, labels: torch.Tensor | None, num_classes: int
+def _working_dtype(features: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 features in float32 (norms and sums of many half values lose digits);
+    float32/float64 unchanged (no copy)."""
+    if features.dtype in (torch.float32, torch.float64):
+        return features
+    return features.float()
+
+
+def _normalized(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, ||f||)``: :func:`normalize_features` (the same operations, so the same bits) and the
+    row norms (B, 1) it divides by, which the heads reuse as their finiteness test."""
+    features = _working_dtype(features)
+    norms = features.norm(2, dim=-1, keepdim=True)
+    return temperature * (features / norms.clamp_min(1e-12).expand_as(features)), norms
+
+
+def _value_flags(
+    norms: torch.Tensor, labels: torch.Tensor | None, num_classes: int
 ) -> torch.Tensor:
-    """A float64 2-vector [features non-finite?, labels out of range?] (0/1), without a sync."""
-    bad_features = (~torch.isfinite(features)).any()
+    """A 2-vector of bools ``[features non-finite?, labels out of range?]``, no host read.
+
+    The features are judged through their row norms (B values instead of a pass over the (B, d)
+    batch): a NaN or Inf entry makes its row's norm NaN or Inf. (So does a row whose squared norm
+    overflows, |f| > ~1e19 in float32: such features normalise to garbage anyway.)
+    """
+    bad_features = ~torch.isfinite(norms).all()
     if labels is None:
-        bad_labels = torch.zeros((), dtype=torch.bool, device=features.device)
-    else:
-        bad_labels = ((labels < 0) | (labels >= num_classes)).any()
-    return torch.stack([bad_features, bad_labels.to(features.device)]).to(COMPUTE_DTYPE)
+        return torch.stack([bad_features, torch.zeros_like(bad_features)])
+    bad_labels = ((labels < 0) | (labels >= num_classes)).any().to(bad_features.device)
+    return torch.stack([bad_features, bad_labels])
 
 
 def _raise_value_errors(errors: torch.Tensor, num_classes: int) -> None:
@@ -87,18 +125,132 @@ def _raise_value_errors(errors: torch.Tensor, num_classes: int) -> None:
         )
 
 
+def _check_state_dtype(dtype: torch.dtype | None, head: str) -> torch.dtype:
+    """The dtype of an ETF head's state: float32 or float64 (default: torch's default dtype)."""
+    dtype = dtype or torch.get_default_dtype()
+    if dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"dtype={dtype} is too coarse for the {head}'s state (a Stiefel frame and running "
+            f"statistics); use dtype=torch.float32 or torch.float64 (float16/bfloat16 features "
+            f"and autocast are fine: the statistics and the solve run in compute_dtype)"
+        )
+    return dtype
+
+
 class _Head(nn.Module):
-    """What every head shares: the feature normalisation it applies to its input."""
+    """What every head shares: its feature normalisation and the validation modes.
+
+    ``rejected_batches`` (non-persistent buffer, (3,) long) counts the batches rejected since the
+    last :meth:`check`, per reason (:data:`REJECTION_REASONS`); it is a report, not state, so it
+    is not in the ``state_dict``.
+    """
 
     temperature: float
+    num_classes: int
+    validation: str
+    rejected_batches: torch.Tensor
+
+    def _init_validation(self, validation: str, device: torch.device | str | None) -> None:
+        self.validation = check_validation(validation)
+        counter = torch.zeros(len(REJECTION_REASONS), dtype=torch.long, device=device)
+        self.register_buffer("rejected_batches", counter, persistent=False)
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         """The features this head classifies: ``tau f / ||f||`` (B, d), differentiable.
 
         Metrics and evaluation take their features from here, so that they see exactly what
-        the head sees.
+        the head sees. float16/bfloat16 features are normalised in float32.
         """
-        return normalize_features(features, self.temperature)
+        return _normalized(features, self.temperature)[0]
+
+    def strict(self, device: torch.device) -> bool:
+        """Whether a call on ``device`` raises at once (``"strict"``) or defers (``"deferred"``).
+
+        ``"auto"`` is strict on the CPU (a host read is free there) and deferred elsewhere; a
+        graph being traced by ``torch.compile`` is always deferred (it cannot raise on values).
+        """
+        if torch.compiler.is_compiling():
+            return False
+        if self.validation == "auto":
+            return device.type == "cpu"
+        return self.validation == "strict"
+
+    def _count_rejections(self, flags: torch.Tensor) -> None:
+        """Add the (3,) bool/0-1 ``flags`` of one batch to the counter (on the device)."""
+        with torch.no_grad():
+            counts = self.rejected_batches + (flags > 0).to(self.rejected_batches.dtype)
+            self._commit("rejected_batches", counts)
+
+    def _commit(self, name: str, value: torch.Tensor) -> None:
+        """Store ``value`` in the buffer ``name`` (its dtype kept), under ``no_grad``.
+
+        Eagerly this is ``copy_`` (in place). While ``torch.compile`` traces, the buffer is
+        rebound instead: AOTAutograd's partitioner may recompute in the backward a value read
+        from a buffer that the forward mutates in place, and then reads the *updated* buffer
+        (wrong gradients; pytorch/pytorch PR #197039, "Don't recompute reads of mutated inputs
+        or mutable buffers", open for torch 2.14). Rebinding leaves the input unmutated (one
+        graph, no recompilation; tested).
+        """
+        buffer = getattr(self, name)
+        if torch.compiler.is_compiling():
+            setattr(self, name, value.to(buffer.dtype))
+        else:
+            buffer.copy_(value)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if batches were rejected since the last check (deferred mode).
+
+        One host read. The counter is reset before raising, so a caller that catches the error
+        can go on. ``train()`` and ``eval()`` call it (one host read at each switch).
+        """
+        counts = self.rejected_batches.tolist()
+        if not any(counts):
+            return
+        with torch.no_grad():
+            self.rejected_batches.zero_()
+        fixes = {
+            "non-finite features": "check the backbone (e.g. lower the learning rate)",
+            "labels out of range": f"labels must lie in [0, {self.num_classes - 1}]",
+            "solver not converged": "the Newton-Schulz solve did not converge (delta too small "
+            "for it?): use solver='gram' or 'svd'",
+        }
+        parts = [
+            f"{count} with {reason} ({fixes[reason]})"
+            for reason, count in zip(REJECTION_REASONS, counts, strict=True)
+            if count
+        ]
+        raise ValueError(
+            f"{type(self).__name__} rejected {sum(counts)} batch(es) since the last check() "
+            f"(validation='deferred') and left its state unchanged: " + "; ".join(parts)
+        )
+
+    def train(self, mode: bool = True) -> _Head:
+        """``nn.Module.train``, then :meth:`check` (the natural host read of a deferred run)."""
+        result = super().train(mode)
+        self.check()
+        return result
+
+    def _validate_values(
+        self,
+        norms: torch.Tensor,
+        labels: torch.Tensor | None,
+        strict: bool,
+        *,
+        reduce: bool,
+    ) -> torch.Tensor:
+        """Value flags of a batch (2,) bool; raises at once when ``strict``, else counts them.
+
+        ``reduce`` sums the flags over ranks first (training mode, where every rank steps
+        together), so that every rank raises together and no rank is left in a collective.
+        """
+        flags = _value_flags(norms, labels, self.num_classes)
+        if reduce:
+            flags = all_reduce_sum(flags.to(torch.int32))
+        if strict:
+            _raise_value_errors(flags, self.num_classes)
+        else:
+            self._count_rejections(torch.cat([flags.to(torch.long), flags.new_zeros(1).long()]))
+        return flags
 
 
 class LearnableHead(_Head):
@@ -109,12 +261,20 @@ class LearnableHead(_Head):
     ``head.renormalize_()`` (or :func:`renormalize_heads_` on the model) after every optimiser
     step**, and after any re-initialisation such as :func:`guided_nc.optim.orthogonal_init_`.
 
+    Values are checked as in the ETF heads (NaN/Inf features, labels outside [0, K) when given):
+    ``validation="strict"`` raises at once, ``"deferred"`` counts them for :meth:`check` (the
+    head has no state of its own to protect; the check keeps NaN from silently reaching the
+    optimiser, which refuses non-finite gradients too, see :class:`guided_nc.optim.AGD`).
+
     Args:
         num_features: d, the backbone's feature width.
         num_classes: K >= 2.
         temperature: tau > 0, the norm of every normalised feature.
         bias: add a learnable bias (zero-initialised). Off by default, as in the paper.
-        device, dtype: of the parameters.
+        validation: ``"auto"`` (strict on the CPU, deferred elsewhere), ``"strict"`` or
+            ``"deferred"`` (module docstring).
+        device, dtype: of the parameters (any float dtype; float16/bfloat16 features are
+            normalised in float32 and the product runs in the parameters' dtype).
 
     Shape: features (B, d) float -> logits (B, K) in the features' dtype.
     """
@@ -127,6 +287,7 @@ class LearnableHead(_Head):
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        validation: str = "auto",
     ) -> None:
         super().__init__()
         check_head_sizes(num_features, num_classes, needs_stiefel=False)
@@ -136,6 +297,7 @@ class LearnableHead(_Head):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_classes, num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self._init_validation(validation, device)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -154,13 +316,17 @@ class LearnableHead(_Head):
         """Logits (B, K). ``labels`` is accepted for a uniform head interface and only checked."""
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
-        h = self.normalize(features)
-        return F.linear(h, self.weight, self.bias)
+        h, norms = _normalized(features, self.temperature)
+        self._validate_values(norms, labels, self.strict(features.device), reduce=self.training)
+        weight = self.weight
+        logits = F.linear(h.to(weight.dtype), weight, self.bias)
+        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"num_features={self.num_features}, num_classes={self.num_classes}, "
-            f"temperature={self.temperature}, bias={self.bias is not None}"
+            f"temperature={self.temperature}, bias={self.bias is not None}, "
+            f"validation={self.validation!r}"
         )
 
 
@@ -177,6 +343,9 @@ class _CentredETFHead(_Head):
         num_classes: int,
         temperature: float,
         running_mean_momentum: float | None,
+        compute_dtype: torch.dtype,
+        validation: str,
+        device: torch.device | str | None,
     ) -> None:
         super().__init__()
         check_head_sizes(num_features, num_classes, needs_stiefel=True)
@@ -191,31 +360,69 @@ class _CentredETFHead(_Head):
         self.num_classes = num_classes
         self.temperature = check_positive("temperature", temperature)
         self.running_mean_momentum = running_mean_momentum
+        self.compute_dtype = check_compute_dtype(compute_dtype)
+        self._init_validation(validation, device)
 
     @property
     def bias(self) -> torch.Tensor:
         """The evaluation bias ``b = -W running_mean`` (K,), detached (like nn.Linear.bias)."""
         return -(self.weight @ self.running_mean)
 
+    def _check_state(self) -> None:
+        """The state must still be float32/float64 (``.half()`` converts buffers too)."""
+        if self.weight.dtype not in STATE_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}'s state is {self.weight.dtype} (after .half(), "
+                f".bfloat16() or .to({self.weight.dtype})), too coarse for its frame and running "
+                f"statistics; keep the head in float32 or float64: call head.float() (float16/"
+                f"bfloat16 features and autocast are fine)"
+            )
+
+    def _batch_sums(
+        self, h: torch.Tensor, onehot: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums (K, d) or (d,), counts (K,) or ()) of a batch, in the compute dtype.
+
+        Reduced in the features' own dtype (at least float32), without a float64 copy of the
+        (B, d) batch: ``sum(h - r) + n r`` with ``r = h[0]`` (detached; every rank its own, the
+        ``n r`` term is added back in the compute dtype before the all-reduce). The shift keeps
+        the float32 sums accurate where the class means nearly coincide (early training: class
+        offsets 1e-4 of tau gave 1.7e-3 relative error on Ybar unshifted, 1.9e-6 shifted; random
+        features 1.9e-7 vs 5.5e-8). The one-hot product is also deterministic on CUDA, unlike
+        ``index_add`` (atomics), and out-of-range labels give a zero row instead of an error.
+        """
+        reference = h[0].detach()
+        shifted = h - reference
+        compute = self.compute_dtype
+        if onehot is None:
+            count = torch.full((), h.shape[0], dtype=compute, device=h.device)
+            sums = shifted.sum(dim=0).to(compute) + count * reference.to(compute)
+            return sums, count
+        counts = onehot.sum(dim=0).to(compute)
+        sums = (onehot.transpose(0, 1) @ shifted).to(compute)
+        return sums + counts.unsqueeze(1) * reference.to(compute), counts
+
     def _running_mean_update(self, batch_mean: torch.Tensor) -> torch.Tensor:
         """The new running mean (not yet stored). The first training step copies the batch mean
         (no bias towards the zero initialisation); later steps use the momentum, or a cumulative
-        average when ``running_mean_momentum`` is None (as in batch norm)."""
-        old = self.running_mean.to(COMPUTE_DTYPE)
+        average when ``running_mean_momentum`` is None (as in batch norm). On the device: the
+        step count is never read on the host."""
+        old = self.running_mean.to(batch_mean.dtype)
         batch_mean = batch_mean.detach()
-        steps = int(self.num_steps)
-        if steps == 0:
-            return batch_mean
-        weight = (
-            1.0 / (steps + 1)
-            if self.running_mean_momentum is None
-            else float(self.running_mean_momentum)
-        )
-        return old + weight * (batch_mean - old)
+        first = self.num_steps == 0
+        if self.running_mean_momentum is None:
+            weight = 1.0 / (self.num_steps + 1).to(batch_mean.dtype)
+        else:
+            weight = float(self.running_mean_momentum)
+        return torch.where(first, batch_mean, old + weight * (batch_mean - old))
 
-    def _eval_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _eval_logits(
+        self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor
+    ) -> torch.Tensor:
+        self._validate_values(norms, None, self.strict(features.device), reduce=False)
         weight = self.weight.to(h.dtype)
-        return F.linear(h, weight, -(weight @ self.running_mean.to(h.dtype)))
+        logits = F.linear(h, weight, -(weight @ self.running_mean.to(h.dtype)))
+        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
 
 class FixedETFHead(_CentredETFHead):
@@ -234,11 +441,13 @@ class FixedETFHead(_CentredETFHead):
         num_classes: K >= 2.
         temperature: tau > 0.
         rotation: ``"canonical"`` (P = first K columns of I_d), ``"haar"`` (Haar-random P drawn
-            from ``generator``) or a (d, K) tensor with orthonormal columns.
+            from ``generator``) or a (d, K) tensor with orthonormal columns (any float dtype).
         generator: random generator for ``"haar"``.
         running_mean_momentum: momentum of the running mean (None = cumulative average).
         bias_gradient: whether the training bias carries gradient through the batch mean.
-        device, dtype: of the buffers.
+        device, dtype: of the buffers (float32 or float64).
+        compute_dtype: dtype of the batch statistics (float64; float32 for slow-float64 devices).
+        validation: ``"auto"``, ``"strict"`` or ``"deferred"`` (module docstring).
 
     Shape: features (B, d) float -> logits (B, K) in the features' dtype.
     """
@@ -254,9 +463,19 @@ class FixedETFHead(_CentredETFHead):
         bias_gradient: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype = COMPUTE_DTYPE,
+        validation: str = "auto",
     ) -> None:
-        super().__init__(num_features, num_classes, temperature, running_mean_momentum)
-        dtype = dtype or torch.get_default_dtype()
+        super().__init__(
+            num_features,
+            num_classes,
+            temperature,
+            running_mean_momentum,
+            compute_dtype,
+            validation,
+            device,
+        )
+        dtype = _check_state_dtype(dtype, "fixed ETF head")
         self.rotation = rotation if isinstance(rotation, str) else "tensor"
         self.bias_gradient = bool(bias_gradient)
         # Persistent: a Haar draw cannot be recomputed without the generator's state.
@@ -269,35 +488,43 @@ class FixedETFHead(_CentredETFHead):
         """Logits (B, K); training mode updates the running mean. ``labels`` is only checked."""
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
-        h = self.normalize(features)
+        self._check_state()
+        h, norms = _normalized(features, self.temperature)
         if not self.training:
-            if not torch.isfinite(features).all():
-                _raise_value_errors(torch.tensor([1.0, 0.0]), self.num_classes)
-            return self._eval_logits(h)
-        errors = _value_errors(features, labels, self.num_classes)
-        h64 = h.to(COMPUTE_DTYPE)
-        count = torch.full((1,), float(h.shape[0]), dtype=COMPUTE_DTYPE, device=h.device)
+            return self._eval_logits(features, h, norms)
+        strict = self.strict(features.device)
+        flags = _value_flags(norms, labels, self.num_classes).to(self.compute_dtype)
+        sums, count = self._batch_sums(h, None)
         # One all-reduce: [sum of h | count | error flags] (identity without a process group).
-        local = torch.cat([h64.sum(dim=0), count, errors])
-        total = all_reduce_sum_with_grad(local)
-        _raise_value_errors(total[-2:].detach(), self.num_classes)
+        total = all_reduce_sum_with_grad(torch.cat([sums, count.unsqueeze(0), flags]))
         d = self.num_features
+        flags = total[d + 1 :].detach()
+        if strict:
+            _raise_value_errors(flags, self.num_classes)  # every rank raises together
         batch_mean = total[:d] / total[d].detach()
         if not self.bias_gradient:
             batch_mean = batch_mean.detach()
         weight = self.weight.to(h.dtype)
-        bias = -(weight @ batch_mean.to(h.dtype))
+        logits = F.linear(h, weight, -(weight @ batch_mean.to(h.dtype)))
+        ok = None if strict else ~(flags > 0).any()
         with torch.no_grad():
-            self.running_mean.copy_(self._running_mean_update(batch_mean))
-            self.num_steps += 1
-        return F.linear(h, weight, bias)
+            running_mean = self._running_mean_update(batch_mean)
+            if ok is None:  # strict: the checks passed, commit
+                self._commit("running_mean", running_mean)
+                self._commit("num_steps", self.num_steps + 1)
+            else:  # deferred: commit only if the (all-ranks) batch was clean
+                self._commit("running_mean", torch.where(ok, running_mean, self.running_mean))
+                self._commit("num_steps", self.num_steps + ok.to(self.num_steps.dtype))
+                self._count_rejections(torch.cat([flags, flags.new_zeros(1)]))
+        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"num_features={self.num_features}, num_classes={self.num_classes}, "
             f"temperature={self.temperature}, rotation={self.rotation!r}, "
             f"running_mean_momentum={self.running_mean_momentum}, "
-            f"bias_gradient={self.bias_gradient}"
+            f"bias_gradient={self.bias_gradient}, compute_dtype={self.compute_dtype}, "
+            f"validation={self.validation!r}"
         )
 
 
@@ -312,7 +539,7 @@ class ImplicitETFHead(_CentredETFHead):
        ``Ybar_t = alpha_t Ybar_batch + (1 - alpha_t) Ybar_{t-1}.detach()``; absent classes keep
        their previous column (0 if never seen);
     3. ``Y = Ybar_t / ||Ybar_t||_F``; ``P = nearest_etf(Y, prox=P_{t-1}, delta)`` (first step:
-       ``prox=None``, i.e. eye(d, K));
+       ``P_0 = eye(d, K)``, the ``prox=None`` rule, which is what ``frame`` holds at t = 0);
     4. ``W = sqrt(K/(K-1)) M P^T``, ``b = -W mu_G``, logits ``W h + b``.
 
     Gradient flows through the logits, through b (via mu_G) and, with ``ddn_grad=True``, through
@@ -323,7 +550,11 @@ class ImplicitETFHead(_CentredETFHead):
     training batches' global means (see :class:`FixedETFHead`). Before any training step W is the
     canonical simplex ETF and the running mean is 0.
 
-    Statistics and the solve run in float64; the state buffers have the module's dtype.
+    The step reads nothing on the host in deferred mode with ``solver="newton-schulz"`` (the
+    default on accelerators): the statistics, the smoothing factor, the solve, its convergence
+    flag and the commit are device tensors (docs/heads.md, "Sync-free step"). The previous frame
+    is never re-validated (it is this head's own output); a frame loaded from a ``state_dict`` is
+    checked once, with the tolerance of the dtype it was saved in.
 
     Args:
         num_features: d >= K.
@@ -333,9 +564,13 @@ class ImplicitETFHead(_CentredETFHead):
         ddn_grad: differentiate through the nearest-ETF layer (the "DDN gradient").
         alpha_floor: floor of the smoothing factor alpha_t, in (0, 1].
         running_mean_momentum: momentum of the running mean (None = cumulative average).
-        solver: ``"svd"`` (closed form) or ``"trust-regions"`` (pymanopt), see
+        solver: ``"auto"`` (Gram route on the CPU, Newton-Schulz on accelerators), ``"gram"``,
+            ``"svd"``, ``"newton-schulz"`` or ``"trust-regions"`` (pymanopt; not compilable), see
             :func:`guided_nc.etf.nearest_etf`.
-        device, dtype: of the buffers.
+        device, dtype: of the buffers (float32 or float64).
+        compute_dtype: dtype of the statistics and the solve: float64 (default) or float32 for
+            devices with slow float64 (docs/etf.md, "compute_dtype").
+        validation: ``"auto"``, ``"strict"`` or ``"deferred"`` (module docstring).
 
     State (persistent buffers): ``weight`` (K, d) last classifier, ``frame`` (d, K) last P,
     ``class_mean_average`` (d, K) Ybar_t, ``classes_seen`` (K,) bool, ``running_mean`` (d,),
@@ -344,6 +579,11 @@ class ImplicitETFHead(_CentredETFHead):
     Shape: features (B, d) float, labels (B,) int in [0, K) -> logits (B, K) in the features'
     dtype. ``labels`` is required in training mode.
     """
+
+    frame: torch.Tensor
+    class_mean_average: torch.Tensor
+    classes_seen: torch.Tensor
+    class_index: torch.Tensor
 
     def __init__(
         self,
@@ -354,21 +594,36 @@ class ImplicitETFHead(_CentredETFHead):
         ddn_grad: bool = True,
         alpha_floor: float = DEFAULT_ALPHA_FLOOR,
         running_mean_momentum: float | None = 0.1,
-        solver: str = "svd",
+        solver: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype = COMPUTE_DTYPE,
+        validation: str = "auto",
     ) -> None:
-        super().__init__(num_features, num_classes, temperature, running_mean_momentum)
+        super().__init__(
+            num_features,
+            num_classes,
+            temperature,
+            running_mean_momentum,
+            compute_dtype,
+            validation,
+            device,
+        )
         delta = check_delta(delta)
         alpha_floor = check_positive("alpha_floor", alpha_floor)
         if alpha_floor > 1:
             raise ValueError(f"alpha_floor={alpha_floor} must lie in (0, 1] (default 1e-4)")
         check_solver(solver)
+        if solver == "newton-schulz" and delta == 0:
+            raise ValueError(
+                "solver='newton-schulz' needs delta > 0 (its step count comes from s_min(A) ~ "
+                "delta); use solver='gram' or 'svd' for delta=0"
+            )
         self.delta = float(delta)
         self.ddn_grad = bool(ddn_grad)
         self.alpha_floor = alpha_floor
         self.solver = solver
-        dtype = dtype or torch.get_default_dtype()
+        dtype = _check_state_dtype(dtype, "implicit ETF head")
         factory = {"device": device, "dtype": dtype}
         d, k = num_features, num_classes
         self.register_buffer("weight", torch.empty(k, d, **factory))
@@ -377,6 +632,10 @@ class ImplicitETFHead(_CentredETFHead):
         self.register_buffer("classes_seen", torch.empty(k, dtype=torch.bool, device=device))
         self.register_buffer("running_mean", torch.empty(d, **factory))
         self.register_buffer("num_steps", torch.empty((), dtype=torch.long, device=device))
+        # Derived constant (not state): the class indices the one-hot labels compare against.
+        self.register_buffer(
+            "class_index", torch.arange(k, device=device).unsqueeze(0), persistent=False
+        )
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -395,72 +654,117 @@ class ImplicitETFHead(_CentredETFHead):
         """alpha_t = max(2/(t+1), alpha_floor) for the 1-based training step t."""
         return max(2.0 / (step + 1), self.alpha_floor)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Validate a loaded frame once, with the tolerance of the dtype it was *saved* in (a
+        # float32 checkpoint loaded into a float64 head is float32-accurate, and fine as the
+        # proximal anchor); it is never re-validated per step. Not re-orthonormalised: it only
+        # enters A = c Y M + delta P_prev, where a 1e-7 defect moves P by ~delta * 1e-7.
+        frame = state_dict.get(prefix + "frame")
+        if isinstance(frame, torch.Tensor):
+            check_stiefel(
+                frame, f"{prefix}frame in the state_dict", self.num_features, self.num_classes
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K). Training mode needs ``labels`` and advances the state by one step."""
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=self.training)
-        h = self.normalize(features)
+        self._check_state()
+        h, norms = _normalized(features, self.temperature)
         if not self.training:
-            if not torch.isfinite(features).all():
-                _raise_value_errors(torch.tensor([1.0, 0.0]), self.num_classes)
-            return self._eval_logits(h)
-        return self._training_step(features, h, labels)
+            return self._eval_logits(features, h, norms)
+        return self._training_step(features, h, norms, labels)
 
     def _training_step(
-        self, features: torch.Tensor, h: torch.Tensor, labels: torch.Tensor
+        self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         d, k = self.num_features, self.num_classes
-        errors = _value_errors(features, labels, k)
-        labels = labels.to(h.device).clamp(0, k - 1)  # in range even for a batch we will reject
-        h64 = h.to(COMPUTE_DTYPE)
-        class_sums = torch.zeros(k, d, dtype=COMPUTE_DTYPE, device=h.device).index_add(
-            0, labels, h64
-        )
-        counts = torch.bincount(labels, minlength=k).to(COMPUTE_DTYPE)
-        # One all-reduce of [class sums | counts] plus a row of error flags (identity without a
-        # process group); the gradient of the sums flows back to every rank's features.
-        flags = torch.cat([errors, errors.new_zeros(d - 1)])
-        local = torch.cat(
-            [torch.cat([class_sums, counts.unsqueeze(1)], dim=1), flags.unsqueeze(0)], dim=0
-        )
-        total = all_reduce_sum_with_grad(local)
-        _raise_value_errors(total[k, :2].detach(), k)  # every rank raises together
-        class_sums, counts = total[:k, :d], total[:k, d].detach()
+        compute = self.compute_dtype
+        strict = self.strict(features.device)
+        labels = labels.to(h.device)
+        # Out-of-range labels match no class: a zero row, no index error, no device assert;
+        # so the one-hot counts also tell whether every label was in range.
+        onehot = (labels.unsqueeze(1) == self.class_index).to(h.dtype)  # (B, K)
+        sums, counts = self._batch_sums(h, onehot)
+        in_range = counts.sum() == h.shape[0]
+        flags = torch.stack([~torch.isfinite(norms).all(), ~in_range]).to(compute)
+        # One all-reduce of [class sums | counts | error flags] (identity without a process
+        # group); the gradient of the sums flows back to every rank's features.
+        total = all_reduce_sum_with_grad(torch.cat([sums.flatten(), counts, flags]))
+        class_sums = total[: k * d].view(k, d)
+        counts = total[k * d : k * d + k].detach()
+        flags = total[k * d + k :].detach()
+        if strict:
+            _raise_value_errors(flags, k)  # every rank raises together
+            ok = None
+        else:
+            ok = ~(flags > 0).any()
         present = counts > 0
-        global_mean = class_sums.sum(dim=0) / counts.sum()  # (d,)
+        global_mean = class_sums.sum(dim=0) / counts.sum().clamp_min(1.0)  # (d,)
         class_means = class_sums / counts.clamp_min(1.0).unsqueeze(1)
         batch_centred = ((class_means - global_mean) * present.unsqueeze(1)).T  # Ybar_batch (d, K)
 
-        step = int(self.num_steps) + 1
-        alpha = self.smoothing_factor(step)
-        previous = self.class_mean_average.to(COMPUTE_DTYPE)  # a buffer: no gradient
+        # alpha_t = max(2/(t+1), floor) with t = num_steps + 1, on the device (no host read).
+        alpha = (2.0 / (self.num_steps + 2).to(compute)).clamp_min(self.alpha_floor)
+        previous = self.class_mean_average.to(compute)  # a buffer: no gradient
         average = torch.where(present, alpha * batch_centred + (1 - alpha) * previous, previous)
         norm = torch.linalg.matrix_norm(average)
         # A zero average (e.g. one class in the first batch) stays 0: P is then the prox point.
         target = average / torch.where(norm > 0, norm, torch.ones_like(norm))
         if not self.ddn_grad:
             target = target.detach()
-        prox = self.frame if step > 1 else None
-        frame = nearest_etf(target, prox=prox, delta=self.delta, solver=self.solver)
-        weight = etf_classifier(frame)  # (K, d) float64
+        if ok is not None:  # a rejected batch's NaN must not reach the solver (nor its fallback)
+            target = torch.where(ok, target, torch.zeros_like(target))
+        frame, converged = self._nearest_frame(target, strict)
+        if converged is not None:
+            ok = converged if ok is None else ok & converged
+        weight = etf_classifier(frame)  # (K, d) in the compute dtype
         bias = -(weight @ global_mean)
         logits = F.linear(h, weight.to(h.dtype), bias.to(h.dtype))
 
-        with torch.no_grad():  # all checks passed and the solve succeeded: commit the state
-            self.running_mean.copy_(self._running_mean_update(global_mean))
-            self.class_mean_average.copy_(average)
-            self.frame.copy_(frame)
-            self.weight.copy_(weight)
-            self.classes_seen |= present
-            self.num_steps += 1
-        return logits
+        with torch.no_grad():  # commit the state (deferred: only if the batch was clean)
+            updates = (
+                ("running_mean", self._running_mean_update(global_mean)),
+                ("class_mean_average", average),
+                ("frame", frame),
+                ("weight", weight),
+                ("classes_seen", self.classes_seen | present),
+                ("num_steps", self.num_steps + 1),
+            )
+            for name, value in updates:
+                self._commit(
+                    name, value if ok is None else torch.where(ok, value, getattr(self, name))
+                )
+            if not strict:
+                solver_failed = flags.new_zeros(1) if converged is None else ~converged
+                self._count_rejections(torch.cat([flags, solver_failed.reshape(1).to(compute)]))
+        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
+
+    def _nearest_frame(
+        self, target: torch.Tensor, strict: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(P, converged)`` for the unit-norm (or zero) ``target``; no validation (the frame is
+        this head's own output) and, with Newton-Schulz in deferred mode, no host read."""
+        route = resolve_solver(self.solver, target.device, self.delta, self.compute_dtype)
+        options = {
+            "compute_dtype": self.compute_dtype,
+            "result_dtype": self.frame.dtype,  # the Gram route's accuracy target
+            "feature_norm": 1.0,  # ||Y||_F <= 1: the Newton-Schulz schedule needs no read
+        }
+        frame, converged = _solve(target, self.frame, self.delta, route, **options)
+        if converged is not None and strict and not bool(converged):
+            # Strict mode may read the host: answer exactly with the SVD instead of rejecting.
+            frame, converged = _solve(target, self.frame, self.delta, "svd", **options)
+        return frame, None if strict else converged
 
     def extra_repr(self) -> str:
         return (
             f"num_features={self.num_features}, num_classes={self.num_classes}, "
             f"temperature={self.temperature}, delta={self.delta}, ddn_grad={self.ddn_grad}, "
             f"alpha_floor={self.alpha_floor}, "
-            f"running_mean_momentum={self.running_mean_momentum}, solver={self.solver!r}"
+            f"running_mean_momentum={self.running_mean_momentum}, solver={self.solver!r}, "
+            f"compute_dtype={self.compute_dtype}, validation={self.validation!r}"
         )
 
 
@@ -473,7 +777,9 @@ def build_head(method: str, num_features: int, num_classes: int, **kwargs) -> nn
     ``"standard"``, ``"fixed"`` and ``"implicit"`` are the three heads; ``"fixed-haar"`` and
     ``"implicit-no-ddn"`` are the fixed head with a Haar rotation and the implicit head without
     the DDN gradient. Extra keyword arguments go to the head's constructor (e.g.
-    ``temperature``, ``delta``) and override the method's own options.
+    ``temperature``, ``delta``, ``validation``) and override the method's own options;
+    ``compute_dtype`` goes to the ETF heads and is ignored by the standard head, which keeps no
+    statistics.
     """
     if method not in METHOD_VARIANTS:
         raise ValueError(
@@ -482,6 +788,8 @@ def build_head(method: str, num_features: int, num_classes: int, **kwargs) -> nn
         )
     variant = METHOD_VARIANTS[method]
     options = {**variant.head_options(), **kwargs}
+    if variant.head == "standard" and "compute_dtype" in options:
+        check_compute_dtype(options.pop("compute_dtype"))
     return HEADS[variant.head](num_features, num_classes, **options)
 
 

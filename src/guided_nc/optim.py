@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from guided_nc._checks import check_validation
+
 __all__ = ["AGD", "build_optimizer", "build_scheduler", "orthogonal_init_", "weight_scale"]
 
 
@@ -53,6 +55,14 @@ class AGD(torch.optim.Optimizer):
     The step runs under ``torch.no_grad()`` and never writes ``p.grad``. ``eta`` of the last step
     is kept in :attr:`last_eta` (0-dim tensor, None before the first step) and in the state_dict.
 
+    A step with a non-finite gradient (NaN/Inf in some ``n_l``) is refused: **no weight changes**.
+    ``validation="strict"`` raises ``ValueError`` at once, naming the parameter (one host read
+    per step); ``"deferred"`` makes the update ``torch.where(ok, update, 0)`` on an on-device
+    flag, counts the refusal per parameter and raises at the next :meth:`check` (also called by
+    :meth:`state_dict`), so the step reads nothing on the host; ``"auto"`` (default) is strict
+    when the gradients are on the CPU and deferred elsewhere (and while ``torch.compile``
+    traces).
+
     Deviations from the release (``nc/optimisers/agd.py``), all documented in docs/heads.md:
 
     * ``lr`` (default 1) is a dimensionless multiplier of ``gain`` so that standard
@@ -69,17 +79,26 @@ class AGD(torch.optim.Optimizer):
             parameter-group dicts, all with ``dim() >= 2``.
         gain: the paper's gain (10).
         lr: multiplier of the gain, for schedulers (1).
+        validation: ``"auto"``, ``"strict"`` or ``"deferred"`` (above).
 
     Raises:
-        ValueError: for a parameter with fewer than 2 dimensions, naming it.
+        ValueError: for a parameter with fewer than 2 dimensions, naming it; for a step with a
+            non-finite gradient (strict), naming the parameter.
     """
 
-    def __init__(self, params: Iterable, gain: float = 10.0, lr: float = 1.0) -> None:
+    def __init__(
+        self, params: Iterable, gain: float = 10.0, lr: float = 1.0, validation: str = "auto"
+    ) -> None:
         for name, value in (("gain", gain), ("lr", lr)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
+        self.validation = check_validation(validation)
         self.last_eta: torch.Tensor | None = None
         self._num_checked = 0
+        # Deferred refusals: steps refused and, per tensor (in parameter order), how often its
+        # gradient was the non-finite one. Device tensors, read only by check().
+        self._refused_steps: torch.Tensor | None = None
+        self._refused_tensors: torch.Tensor | None = None
         super().__init__(params, {"gain": gain, "lr": lr})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -105,6 +124,24 @@ class AGD(torch.optim.Optimizer):
         """L, the number of tensors over all parameter groups."""
         return sum(len(group["params"]) for group in self.param_groups)
 
+    def strict(self, device: torch.device) -> bool:
+        """Whether a step whose gradients live on ``device`` raises at once (see the class)."""
+        if torch.compiler.is_compiling():
+            return False
+        if self.validation == "auto":
+            return device.type == "cpu"
+        return self.validation == "strict"
+
+    def _names(self) -> list[tuple[int, str | None, torch.Tensor]]:
+        """(global index, name or None, tensor) of every parameter, in order."""
+        described, index = [], 0
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"], strict=True):
+                described.append((index, name, param))
+                index += 1
+        return described
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -113,29 +150,92 @@ class AGD(torch.optim.Optimizer):
                 loss = closure()
         depth = self.num_tensors
         entries = []  # (param, gradient, slice norms, scale, group)
+        indices, flags = [], []  # which tensors have gradients, and whether those are finite
         total = None
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                norms = _slice_norms(grad)
-                scale = weight_scale(param.shape)
-                contribution = scale * norms.sum()
-                total = contribution if total is None else total + contribution.to(total.device)
-                entries.append((param, grad, norms, scale, group))
+        positions = ((group, param) for group in self.param_groups for param in group["params"])
+        for index, (group, param) in enumerate(positions):
+            if param.grad is None:
+                continue
+            grad = param.grad
+            norms = _slice_norms(grad)  # NaN/Inf anywhere in the gradient make these non-finite
+            scale = weight_scale(param.shape)
+            contribution = scale * norms.sum()
+            total = contribution if total is None else total + contribution.to(total.device)
+            entries.append((param, grad, norms, scale, group))
+            indices.append(index)
+            flags.append(~torch.isfinite(norms).all())
         if total is None:
             return loss
+        bad = torch.stack([flag.to(total.device) for flag in flags])
+        ok = None
+        if self.strict(total.device):
+            if bool(bad.any()):  # one host read; nothing has changed yet
+                self._raise_refused(bad.tolist(), indices)
+        else:
+            ok = ~bad.any()
+            # One flag per tensor (False where there is no gradient), built on the device: no
+            # host-to-device copy of the index list.
+            unflagged = torch.zeros((), dtype=torch.bool, device=total.device)
+            slots = dict(zip(indices, bad.unbind(), strict=True))
+            bad = torch.stack([slots.get(index, unflagged) for index in range(depth)])
         gradient_summary = total / depth  # G
         eta = torch.log((1 + torch.sqrt(1 + 4 * gradient_summary)) / 2)
         for param, grad, norms, scale, group in entries:
             direction = torch.where(norms > 0, grad / norms, torch.zeros_like(grad))
             step_size = group["lr"] * group["gain"] * scale / depth
-            param.sub_(direction * (step_size * eta.to(param.device, param.dtype)))
-        self.last_eta = eta.detach()
+            update = direction * (step_size * eta.to(param.device, param.dtype))
+            if ok is not None:  # a refused step moves no weight (NaN * 0 would still be NaN)
+                update = torch.where(ok.to(param.device), update, torch.zeros_like(update))
+            param.sub_(update)
+        if ok is None:
+            self.last_eta = eta.detach()
+        else:
+            previous = (
+                self.last_eta if self.last_eta is not None else torch.full_like(eta, math.nan)
+            )
+            self.last_eta = torch.where(ok, eta, previous.to(eta.device)).detach()
+            self._count_refused(ok, bad)
         return loss
 
+    def _count_refused(self, ok: torch.Tensor, bad: torch.Tensor) -> None:
+        """Add a refused step (``~ok``) and its per-tensor flags ``bad`` (L,) to the counters."""
+        if self._refused_steps is None or self._refused_steps.device != ok.device:
+            self._refused_steps = torch.zeros((), dtype=torch.long, device=ok.device)
+            self._refused_tensors = torch.zeros_like(bad, dtype=torch.long)
+        self._refused_steps += (~ok).long()
+        self._refused_tensors += bad.long()
+
+    def _raise_refused(self, bad: list, indices: list[int], steps: int = 1) -> None:
+        described = {index: (name, param) for index, name, param in self._names()}
+        culprits = [
+            _describe(index, *described[index])
+            for index, flag in zip(indices, bad, strict=True)
+            if flag
+        ]
+        raise ValueError(
+            f"AGD refused {steps} step(s): the gradient of {', '.join(culprits)} is not finite "
+            f"(NaN or Inf); no weight was changed by it. Check the loss and the features (e.g. "
+            f"lower the gain or learning rate), or skip such batches"
+        )
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if steps were refused since the last check (deferred mode).
+
+        One host read; the counters are reset before raising. :meth:`state_dict` calls it.
+        """
+        if self._refused_steps is None:
+            return
+        steps = int(self._refused_steps)
+        if not steps:
+            return
+        counts = self._refused_tensors.tolist()
+        self._refused_steps.zero_()
+        self._refused_tensors.zero_()
+        indices = list(range(len(counts)))
+        self._raise_refused([count > 0 for count in counts], indices, steps)
+
     def state_dict(self) -> dict:
+        self.check()  # a checkpoint is a host read: report deferred refusals first
         state = super().state_dict()
         state["last_eta"] = None if self.last_eta is None else self.last_eta.clone()
         return state
@@ -197,6 +297,19 @@ def _kernel_positions(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
     return positions
 
 
+def _check_number(name: str, value: float, *, positive: bool) -> float:
+    """A finite number, > 0 (``positive``) or >= 0; the error names the argument and the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(
+            f"{name}={value} must be a finite number {bound}; pass e.g. the default "
+            f"(build_optimizer(name, params) without {name})"
+        )
+    return float(value)
+
+
 OPTIMIZERS = ("agd", "sgd", "adam", "adamw")
 DEFAULT_LR = {"agd": 1.0, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"agd": 0.0, "sgd": 0.0, "adam": 0.0, "adamw": 0.01}
@@ -219,11 +332,18 @@ def build_optimizer(
         weight_decay: None = default (0; adamw 0.01). AGD rejects a non-zero value.
         momentum: SGD momentum.
         gain: AGD gain (paper: 10).
+
+    Raises:
+        ValueError: unknown name; lr or gain not finite or <= 0; momentum or weight_decay not
+            finite or < 0 (each error names the argument). TypeError: a non-number.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name={name!r} is not supported; use one of {OPTIMIZERS}")
-    lr = DEFAULT_LR[name] if lr is None else lr
+    lr = _check_number("lr", DEFAULT_LR[name] if lr is None else lr, positive=True)
     weight_decay = DEFAULT_WEIGHT_DECAY[name] if weight_decay is None else weight_decay
+    weight_decay = _check_number("weight_decay", weight_decay, positive=False)
+    momentum = _check_number("momentum", momentum, positive=False)
+    gain = _check_number("gain", gain, positive=True)
     if name == "agd":
         if weight_decay != 0:
             raise ValueError(

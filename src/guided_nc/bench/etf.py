@@ -1,9 +1,11 @@
-"""Benchmark of the nearest-ETF layer: closed form vs the paper's solver, in one run.
+"""Benchmark of the nearest-ETF layer: every exact route vs one SVD and vs the paper's solver.
 
-For each (d, K) it times ``nearest_etf`` forward and forward+backward (closed-form SVD forward,
-closed-form backward) and, unless ``--no-baseline``, the paper-faithful baseline: pymanopt trust
-regions (at most 30 iterations, stopping at gradient norm 1e-6, warm-started from the previous
-solution) for the forward and the dense Proposition-1 backward
+For each (d, K) it times ``nearest_etf`` forward and forward+backward for every route of
+``--routes`` (default: gram, svd, newton-schulz; closed-form backward), each next to **one float64
+``torch.linalg.svd(A, full_matrices=False)`` of the same A, timed in the same subprocess** (the
+reference the routes are judged against: ``ratio`` columns), and, unless ``--no-baseline``, the
+paper-faithful baseline: pymanopt trust regions (at most 30 iterations, stopping at gradient norm
+1e-6, warm-started from the previous solution) for the forward and the dense Proposition-1 backward
 (:func:`guided_nc.solvers.dense_ddn_backward`, in the input dtype as in the release). Every
 measurement runs in a fresh subprocess, so its peak extra memory is its own: on Linux the peak
 resident set size (reset before each measurement) over the resident size before it, elsewhere the
@@ -14,7 +16,8 @@ skipped, with the reason printed, when its dense arrays exceed ``--baseline-max-
 past ``--baseline-timeout`` (trust regions) or ``--dense-backward-timeout`` seconds.
 
 Inputs mimic a training step: Y is a random d x K matrix of unit Frobenius norm, ``prox`` the
-nearest ETF of a nearby Y (the previous step), G = dL/dP a random matrix; seed fixed.
+nearest ETF of a nearby Y (10 % away: the previous step), G = dL/dP a random matrix; seed fixed.
+The speed-up over the baseline uses the fastest route's forward (and forward+backward).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 DEFAULT_SIZES = "512x10,1024x100,1024x200,1024x1000,2048x1000"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ROUTES = ("gram", "svd", "newton-schulz")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the closed form")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="input dtype")
+    parser.add_argument(
+        "--routes",
+        default=",".join(ROUTES),
+        help=f"comma-separated nearest_etf routes to time (default {','.join(ROUTES)})",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=sorted(DTYPES),
+        default="float64",
+        help="nearest_etf(compute_dtype=...) of the routes (the SVD reference stays float64)",
+    )
     parser.add_argument("--delta", type=float, default=1e-3, help="proximal coefficient")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--no-baseline", action="store_true", help="skip the paper's solver")
@@ -188,45 +203,82 @@ def _timed(function, repeats: int, device: str) -> tuple[float, float]:
 
 
 def measure_closed_form(
-    dim: int, num_classes: int, dtype: str, device: str, repeats: int, seed: int, delta: float
+    dim: int,
+    num_classes: int,
+    dtype: str,
+    device: str,
+    repeats: int,
+    seed: int,
+    delta: float,
+    routes: tuple[str, ...] = ROUTES,
+    compute_dtype: str = "float64",
 ) -> dict:
-    """Closed-form forward and forward+backward: median seconds and peak extra bytes."""
+    """Every route's forward and forward+backward, and one float64 SVD of the same A.
+
+    Returns ``{"svd_s", "svd_cpu_s", "routes": {route: {... seconds and peak extra bytes,
+    "ratio_forward", "ratio_forward_backward"}}}``; the ratios are to ``svd_s`` of this process.
+    """
+    import math
+
     from guided_nc.etf import nearest_etf
 
     features, prox, grad = _inputs(dim, num_classes, DTYPES[dtype], device, seed, delta)
     features.requires_grad_(True)
-    # Start autograd's machinery on a tiny problem so that its one-off cost is not counted.
+    with torch.no_grad():  # the A every route factors, in float64: c Y M + delta prox
+        y = features.detach().double()
+        target = 2.0 / math.sqrt(num_classes - 1) * (y - y.mean(dim=1, keepdim=True))
+        target = target + delta * prox.double()
+    # Start autograd's and LAPACK's machinery on a tiny problem so one-off costs are not counted.
     tiny = torch.randn(4, 2, dtype=features.dtype, device=device, requires_grad=True)
-    nearest_etf(tiny).sum().backward()
+    for route in routes:
+        nearest_etf(tiny, solver=route).sum().backward()
 
-    def forward():
-        return nearest_etf(features, prox, delta)
+    def reference_svd():
+        torch.linalg.svd(target, full_matrices=False)
 
-    def forward_backward():
-        features.grad = None
-        torch.autograd.backward(nearest_etf(features, prox, delta), grad)
+    reference_svd()
+    svd_s, svd_cpu_s = _timed(reference_svd, repeats, device)
+    result: dict = {"svd_s": svd_s, "svd_cpu_s": svd_cpu_s, "routes": {}}
+    options = {"compute_dtype": DTYPES[compute_dtype]}
+    for route in routes:
 
-    peak = _Peak(device)
-    forward()  # warm-up
-    forward_backward()
-    first_peak = peak.read()  # includes one-off library workspaces (e.g. BLAS buffers)
-    peak = _Peak(device)
-    forward()
-    forward_peak = peak.read()
-    peak = _Peak(device)
-    forward_backward()
-    both_peak = peak.read()
-    forward_s, forward_cpu_s = _timed(forward, repeats, device)
-    both_s, both_cpu_s = _timed(forward_backward, repeats, device)
-    return {
-        "forward_s": forward_s,
-        "forward_backward_s": both_s,
-        "forward_cpu_s": forward_cpu_s,
-        "forward_backward_cpu_s": both_cpu_s,
-        "forward_peak_bytes": forward_peak,
-        "forward_backward_peak_bytes": both_peak,
-        "first_call_peak_bytes": first_peak,
-    }
+        def forward(route=route):
+            with torch.no_grad():
+                return nearest_etf(features, prox, delta, route, **options)
+
+        def forward_backward(route=route):
+            features.grad = None
+            torch.autograd.backward(nearest_etf(features, prox, delta, route, **options), grad)
+
+        peak = _Peak(device)
+        forward()  # warm-up
+        forward_backward()
+        first_peak = peak.read()  # includes one-off library workspaces (e.g. BLAS buffers)
+        peak = _Peak(device)
+        forward()
+        forward_peak = peak.read()
+        peak = _Peak(device)
+        forward_backward()
+        both_peak = peak.read()
+        forward_s, forward_cpu_s = _timed(forward, repeats, device)
+        both_s, both_cpu_s = _timed(forward_backward, repeats, device)
+        result["routes"][route] = {
+            "forward_s": forward_s,
+            "forward_backward_s": both_s,
+            "forward_cpu_s": forward_cpu_s,
+            "forward_backward_cpu_s": both_cpu_s,
+            "forward_peak_bytes": forward_peak,
+            "forward_backward_peak_bytes": both_peak,
+            "first_call_peak_bytes": first_peak,
+            "ratio_forward": forward_s / svd_s,
+            "ratio_forward_backward": both_s / svd_s,
+        }
+    return result
+
+
+def fastest_route(closed: dict, key: str = "forward_backward_s") -> str:
+    """The route of a ``measure_closed_form`` result with the smallest ``key``."""
+    return min(closed["routes"], key=lambda route: closed["routes"][route][key])
 
 
 def measure_trust_regions(
@@ -320,11 +372,20 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device={args.device} but CUDA is not available; use cpu", file=sys.stderr)
         return 2
+    routes = tuple(route.strip() for route in args.routes.split(",") if route.strip())
+    unknown = [route for route in routes if route not in ROUTES]
+    if unknown or not routes:
+        print(
+            f"error: --routes={args.routes!r}: use a subset of {','.join(ROUTES)}", file=sys.stderr
+        )
+        return 2
     threads = args.threads or torch.get_num_threads()
     print(
         f"# nearest ETF: torch {torch.__version__}, {threads} threads, "
-        f"device {args.device}, input {args.dtype}, delta {args.delta}, "
-        f"repeats {args.repeats}, {platform.processor() or platform.machine()}",
+        f"device {args.device}, input {args.dtype}, compute {args.compute_dtype}, "
+        f"delta {args.delta}, repeats {args.repeats}, "
+        f"{platform.processor() or platform.machine()}; ratio = time / one float64 "
+        f"torch.linalg.svd(A) in the same process",
         flush=True,
     )
     rows = []
@@ -337,9 +398,14 @@ def run(args: argparse.Namespace) -> int:
     for dim, num_classes in progress:
         common = {"dim": dim, "num_classes": num_classes, "dtype": args.dtype, "seed": args.seed}
         common["delta"] = args.delta
-        closed = _run_worker(
-            "closed", {**common, "device": args.device, "repeats": args.repeats}, None, args.threads
-        )
+        closed_options = {
+            **common,
+            "device": args.device,
+            "repeats": args.repeats,
+            "routes": list(routes),
+            "compute_dtype": args.compute_dtype,
+        }
+        closed = _run_worker("closed", closed_options, None, args.threads)
         row = {"d": dim, "K": num_classes, "closed": closed}
         if not args.no_baseline:
             row["trust_regions"] = _run_worker(
@@ -371,20 +437,23 @@ def _text_row(row: dict) -> str:
     head = f"d={row['d']} K={row['K']}: "
     if "error" in closed:
         return head + f"closed form {closed['error']}"
-    text = head + (
-        f"forward {_ms(closed['forward_s'])} (CPU {_ms(closed['forward_cpu_s'])}), "
-        f"forward+backward {_ms(closed['forward_backward_s'])} "
-        f"(CPU {_ms(closed['forward_backward_cpu_s'])}), "
-        f"peak +{_mb(closed['forward_backward_peak_bytes'])} "
-        f"(first call +{_mb(closed['first_call_peak_bytes'])})"
-    )
+    parts = [f"svd(A) {_ms(closed['svd_s'])}"]
+    for route, timing in closed["routes"].items():
+        parts.append(
+            f"{route} forward {_ms(timing['forward_s'])} ({timing['ratio_forward']:.2f}x), "
+            f"forward+backward {_ms(timing['forward_backward_s'])} "
+            f"({timing['ratio_forward_backward']:.2f}x), "
+            f"peak +{_mb(timing['forward_backward_peak_bytes'])}"
+        )
+    text = head + "; ".join(parts)
     if "trust_regions" in row:
         forward, backward = row["trust_regions"], row["dense_backward"]
         cells = _baseline_cells(row)
         text += (
             f" | baseline forward {forward.get('error') or _ms(forward['seconds'])}, "
             f"dense backward {backward.get('error') or _ms(backward['seconds'])}"
-            f" | speed-up forward {cells['forward_ratio']}, forward+backward {cells['both_ratio']}"
+            f" | speed-up ({cells['route']}) forward {cells['forward_ratio']}, "
+            f"forward+backward {cells['both_ratio']}"
         )
     return text
 
@@ -398,17 +467,22 @@ def _baseline_cells(row: dict) -> dict:
         "peak": "-",
         "forward_ratio": "-",
         "both_ratio": "-",
+        "route": "-",
     }
     if "error" in closed:
         return cells
+    route = fastest_route(closed, "forward_s")
+    cells["route"] = route
+    closed_forward = closed["routes"][route]["forward_s"]
+    closed_both = closed["routes"][fastest_route(closed)]["forward_backward_s"]
     if "error" not in forward:
-        cells["forward_ratio"] = f"{forward['seconds'] / closed['forward_s']:,.0f}x"
+        cells["forward_ratio"] = f"{forward['seconds'] / closed_forward:,.0f}x"
     elif "abandoned" in forward["error"]:
         limit = float(forward["error"].split()[1])
-        cells["forward_ratio"] = f"> {limit / closed['forward_s']:,.0f}x"
+        cells["forward_ratio"] = f"> {limit / closed_forward:,.0f}x"
     if "error" not in forward and "error" not in backward:
         total = forward["seconds"] + backward["seconds"]
-        cells["both_ratio"] = f"{total / closed['forward_backward_s']:,.0f}x"
+        cells["both_ratio"] = f"{total / closed_both:,.0f}x"
         cells["peak"] = _mb(max(forward["peak_bytes"], backward["peak_bytes"]))
     elif "error" not in forward:
         cells["peak"] = _mb(forward["peak_bytes"]) + " (fwd)"
@@ -416,13 +490,21 @@ def _baseline_cells(row: dict) -> dict:
 
 
 def markdown_table(rows: list[dict], baseline: bool = True) -> str:
-    """A markdown table of the benchmark rows returned by the workers."""
+    """A markdown table of the benchmark rows: one line per (d, K) and route.
+
+    Columns: d, K, route, forward, forward+backward, their ratios to one float64 SVD of A (same
+    process), peak extra memory; with the baseline, the trust-region forward, the dense backward,
+    their peak memory and the speed-ups of the fastest route (on the route's first line).
+    """
     header = [
         "d",
         "K",
+        "route",
         "forward",
         "forward+backward",
-        "peak extra memory fwd / fwd+bwd (first call)",
+        "forward / svd(A)",
+        "fwd+bwd / svd(A)",
+        "peak extra memory fwd / fwd+bwd",
     ]
     if baseline:
         header += [
@@ -435,30 +517,42 @@ def markdown_table(rows: list[dict], baseline: bool = True) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         closed = row["closed"]
+        extra = _baseline_cells(row) if baseline else {}
         if "error" in closed:
-            cells = [str(row["d"]), str(row["K"]), closed["error"], "-", "-"]
-        else:
+            cells = [str(row["d"]), str(row["K"]), "-", closed["error"], "-", "-", "-", "-"]
+            if baseline:
+                cells += [extra[key] for key in ("forward", "backward", "peak")] + ["-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        for index, (route, timing) in enumerate(closed["routes"].items()):
             cells = [
                 str(row["d"]),
                 str(row["K"]),
-                f"{_ms(closed['forward_s'])} (CPU {_ms(closed['forward_cpu_s'])})",
-                f"{_ms(closed['forward_backward_s'])} "
-                f"(CPU {_ms(closed['forward_backward_cpu_s'])})",
-                f"{_mb(closed['forward_peak_bytes'])} / "
-                f"{_mb(closed['forward_backward_peak_bytes'])} "
-                f"({_mb(closed['first_call_peak_bytes'])})",
+                route,
+                f"{_ms(timing['forward_s'])} (CPU {_ms(timing['forward_cpu_s'])})",
+                f"{_ms(timing['forward_backward_s'])} "
+                f"(CPU {_ms(timing['forward_backward_cpu_s'])})",
+                f"{timing['ratio_forward']:.2f}x",
+                f"{timing['ratio_forward_backward']:.2f}x",
+                f"{_mb(timing['forward_peak_bytes'])} / "
+                f"{_mb(timing['forward_backward_peak_bytes'])}",
             ]
-        if baseline:
-            extra = _baseline_cells(row)
-            cells += [
-                extra["forward"],
-                extra["backward"],
-                extra["peak"],
-                extra["forward_ratio"],
-                extra["both_ratio"],
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            if baseline:
+                if index == 0:
+                    cells += [extra[key] for key in ("forward", "backward", "peak")]
+                    cells += [
+                        f"{extra['forward_ratio']} ({extra['route']})",
+                        extra["both_ratio"],
+                    ]
+                else:
+                    cells += ["", "", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    svd_line = ", ".join(
+        f"{row['d']}x{row['K']}: {_ms(row['closed']['svd_s'])}"
+        for row in rows
+        if "error" not in row["closed"]
+    )
+    return "\n".join(lines) + f"\n\nsvd(A), float64, same processes: {svd_line}"
 
 
 def _worker_main(argv: list[str]) -> int:
