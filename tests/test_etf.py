@@ -186,9 +186,20 @@ def test_nearest_etf_dtype_device_and_orthonormality(dtype, route):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_nearest_etf_is_deterministic(route):
-    y = torch.randn(20, 7, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(nearest_etf(y, solver=route), nearest_etf(y, solver=route))
+def test_nearest_etf_is_equivariant(route):
+    """Relabelling the classes permutes the frame's columns, and rotating the feature space
+    rotates the frame: A(Y Pi, prox Pi) = A(Y, prox) Pi since Pi M = M Pi, and
+    A(Q Y, Q prox) = Q A(Y, prox), and the polar factor is equivariant under both."""
+    y, prox, _ = random_problem(20, 7, 3)
+    y, prox = torch.from_numpy(y), torch.from_numpy(prox)
+    frame = nearest_etf(y, prox, solver=route)
+    permutation = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    permuted = nearest_etf(y[:, permutation], prox[:, permutation], solver=route)
+    torch.testing.assert_close(permuted, frame[:, permutation], atol=1e-10, rtol=0)
+    gaussian = torch.randn(20, 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(gaussian)
+    rotated = nearest_etf(rotation @ y, rotation @ prox, solver=route)
+    torch.testing.assert_close(rotated, rotation @ frame, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -32,6 +32,7 @@ __all__ = [
     "StepRun",
     "build_loss",
     "build_optimizer_for",
+    "check_deferred",
     "measure_heads",
     "summarize_times",
     "time_steps",
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 
 def build_loss(name: str = "ce", label_smoothing: float = 0.1) -> LossFunction:
@@ -99,6 +99,21 @@ def training_step(
     renormalize_heads_(model)  # standard head: unit-norm rows after every step (method.md 1)
     correct = (logits.detach().argmax(dim=1) == labels).sum()
     return loss.detach(), correct
+
+
+def check_deferred(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Raise now if a head rejected a batch or the optimiser refused a step since the last call.
+
+    In the heads' and AGD's deferred validation (the default on accelerators) a bad batch
+    leaves every state unchanged and is only counted on the device, so that the step needs no
+    host synchronisation; this reads the counters (one host read each). The training loops
+    call it once per epoch (``train``) or per iteration (``ufm``, on the CPU).
+    """
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "check", None)):
+            module.check()
+    if optimizer is not None and callable(getattr(optimizer, "check", None)):
+        optimizer.check()
 
 
 def build_optimizer_for(config: Any, model: nn.Module) -> torch.optim.Optimizer:

@@ -50,7 +50,7 @@ from guided_nc.runfiles import (
     write_long_csv,
 )
 from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
-from guided_nc.timing import build_loss, build_optimizer_for, training_step
+from guided_nc.timing import build_loss, build_optimizer_for, check_deferred, training_step
 
 __all__ = ["FitResult", "build_backbone_for", "build_head_for", "evaluate", "fit", "train_model"]
 
@@ -502,6 +502,7 @@ def _train_epoch(trained, optimizer, scheduler, loader, device, progress: Progre
         correct_sum += correct
         count += labels.numel()
         progress.update()
+    check_deferred(trained, optimizer)  # a deferred rejection surfaces here, once an epoch
     totals = torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(float(count))])
     total_loss, total_correct, total = distributed.all_reduce_sum(totals).tolist()
     return total_loss / total, 100.0 * total_correct / total, step_times

@@ -51,7 +51,13 @@ from guided_nc.runfiles import (
     save_npy,
     write_long_csv,
 )
-from guided_nc.timing import StepRun, build_optimizer_for, time_steps, training_step
+from guided_nc.timing import (
+    StepRun,
+    build_optimizer_for,
+    check_deferred,
+    time_steps,
+    training_step,
+)
 
 __all__ = [
     "DENSE_COLUMNS",
@@ -221,6 +227,7 @@ def train_run(
         start = time.perf_counter()
         loss, _ = training_step(model, optimizer, index, batch_labels, scheduler=scheduler)
         elapsed = time.perf_counter() - start
+        check_deferred(model, optimizer)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"{config.preset.name} {method} seed {seed}: the training loss became "
