@@ -28,6 +28,7 @@ BENCHMARKS = {
     "etf": ("guided_nc.bench.etf", "nearest-ETF forward/backward vs the paper's solver"),
     "metrics": ("guided_nc.bench.metrics", "streaming NC metrics vs a hold-everything baseline"),
     "step": ("guided_nc.bench.step", "time per training step and peak memory of each head"),
+    "device": ("guided_nc.bench.device", "one-shot GPU check: routes, heads, drivers, syncs"),
 }
 
 #: Settings of ``guided-nc demo``: UFM-10, every method, 5 seeds, sized to finish in < 5 minutes

@@ -12,6 +12,7 @@ import torch.distributed as dist
 __all__ = [
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
+    "backend",
     "barrier",
     "destroy_process_group",
     "init_from_environment",
@@ -89,16 +90,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_environment(device_type: str = "cpu") -> bool:
-    """Join the process group described by torchrun's environment, when ``WORLD_SIZE > 1``.
+def backend() -> str | None:
+    """The default group's backend (``"nccl"``, ``"gloo"``), or None without a group."""
+    return str(dist.get_backend()) if is_distributed() else None
 
+
+def init_from_environment(device_type: str = "cpu") -> bool:
+    """Join the process group described by torchrun's environment.
+
+    Under torchrun (``TORCHELASTIC_RUN_ID`` set), even with one process, so that a
+    ``--nproc_per_node=1`` run exercises the distributed path; otherwise when ``WORLD_SIZE > 1``.
     Uses NCCL for CUDA and gloo for CPU, reads ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/
     ``WORLD_SIZE`` from the environment (``init_method="env://"``). Returns True when this call
     created the group; False when running single-process or a group already exists (tests).
     """
     import os
 
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if is_distributed() or not launched:
         return False
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return True

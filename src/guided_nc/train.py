@@ -593,6 +593,7 @@ def _summary(config, timings, device, data: _Data) -> dict[str, Any]:
     return {
         "epochs": config.epochs,
         "world_size": distributed.world_size(),
+        "backend": distributed.backend(),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "steps_per_epoch": len(data.train_loader),
