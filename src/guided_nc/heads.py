@@ -71,11 +71,13 @@ STATE_DTYPES = (torch.float32, torch.float64)
 def normalize_features(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample normalisation ``h = tau * f / ||f||_2`` (method.md section 1).
 
-    Uses :func:`torch.nn.functional.normalize` (eps 1e-12), so an all-zero feature maps to 0.
+    The norm is clamped at 1e-12 (as :func:`torch.nn.functional.normalize`), so an all-zero
+    feature maps to 0. One scaling pass over the batch: ``f * (tau / ||f||)`` (a (B, 1)
+    factor), rather than a division and then a multiplication by tau.
 
     Shape: features (B, d) -> (B, d), same dtype and device; differentiable.
     """
-    return temperature * F.normalize(features, dim=-1)
+    return _normalized(features, temperature)[0].to(features.dtype)
 
 
 def _working_dtype(features: torch.Tensor) -> torch.Tensor:
@@ -87,11 +89,11 @@ def _working_dtype(features: torch.Tensor) -> torch.Tensor:
 
 
 def _normalized(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, ||f||)``: :func:`normalize_features` (the same operations, so the same bits) and the
-    row norms (B, 1) it divides by, which the heads reuse as their finiteness test."""
+    """``(h, ||f||)``: the features the heads classify (:func:`normalize_features` is this, so
+    the same bits) and the row norms (B, 1), which the heads reuse as their finiteness test."""
     features = _working_dtype(features)
     norms = features.norm(2, dim=-1, keepdim=True)
-    return temperature * (features / norms.clamp_min(1e-12).expand_as(features)), norms
+    return features * (temperature / norms.clamp_min(1e-12)), norms
 
 
 def _value_flags(
@@ -379,7 +381,7 @@ class _CentredETFHead(_Head):
             )
 
     def _batch_sums(
-        self, h: torch.Tensor, onehot: torch.Tensor | None
+        self, h: torch.Tensor, onehot: torch.Tensor | None, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (K, d) or (d,), counts (K,) or ()) of a batch, in the compute dtype.
 
@@ -388,8 +390,11 @@ class _CentredETFHead(_Head):
         ``n r`` term is added back in the compute dtype before the all-reduce). The shift keeps
         the float32 sums accurate where the class means nearly coincide (early training: class
         offsets 1e-4 of tau gave 1.7e-3 relative error on Ybar unshifted, 1.9e-6 shifted; random
-        features 1.9e-7 vs 5.5e-8). The one-hot product is also deterministic on CUDA, unlike
-        ``index_add`` (atomics), and out-of-range labels give a zero row instead of an error.
+        features 1.9e-7 vs 5.5e-8). On accelerators the class sums are one one-hot product,
+        deterministic unlike ``index_add`` (atomics there), with out-of-range labels giving a
+        zero row instead of an error; it costs 2BKd flops (and as much backward), which a CPU
+        feels at large K (UFM-200: 2 GFlop a step), so on the CPU, where ``index_add`` is
+        sequential and deterministic, the sums are an O(Bd) ``index_add`` of the in-range rows.
         """
         reference = h[0].detach()
         shifted = h - reference
@@ -399,7 +404,14 @@ class _CentredETFHead(_Head):
             sums = shifted.sum(dim=0).to(compute) + count * reference.to(compute)
             return sums, count
         counts = onehot.sum(dim=0).to(compute)
-        sums = (onehot.transpose(0, 1) @ shifted).to(compute)
+        if labels is not None and h.device.type == "cpu":
+            # Out-of-range labels go to an extra row K, dropped: no (B, d) mask to multiply.
+            k = self.num_classes
+            index = torch.where((labels >= 0) & (labels < k), labels, k)
+            sums = shifted.new_zeros(k + 1, h.shape[1]).index_add(0, index, shifted)[:k]
+            sums = sums.to(compute)
+        else:
+            sums = (onehot.transpose(0, 1) @ shifted).to(compute)
         return sums + counts.unsqueeze(1) * reference.to(compute), counts
 
     def _running_mean_update(self, batch_mean: torch.Tensor) -> torch.Tensor:
@@ -686,7 +698,7 @@ class ImplicitETFHead(_CentredETFHead):
         # Out-of-range labels match no class: a zero row, no index error, no device assert;
         # so the one-hot counts also tell whether every label was in range.
         onehot = (labels.unsqueeze(1) == self.class_index).to(h.dtype)  # (B, K)
-        sums, counts = self._batch_sums(h, onehot)
+        sums, counts = self._batch_sums(h, onehot, labels)
         in_range = counts.sum() == h.shape[0]
         flags = torch.stack([~torch.isfinite(norms).all(), ~in_range]).to(compute)
         # One all-reduce of [class sums | counts | error flags] (identity without a process

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from guided_nc.config import POOL_FREE_FIELDS
+from guided_nc.config import POOL_FREE_FIELDS, TrainConfig
 from guided_nc.methods import METHOD_VARIANTS, method_color, method_label
 from guided_nc.reports.figures import (
     plot_histograms,
@@ -52,13 +52,17 @@ NC_FIGURE_METRICS = (
 def _load_runs(out: Path) -> list[dict[str, Any]]:
     runs = []
     for run in find_runs(out):
+        try:  # fill the fields a run of an older version did not have with their defaults
+            config = TrainConfig.from_dict(run.config).to_dict()
+        except (TypeError, ValueError):
+            config = run.config
         summary_path = run.path / "summary.json"
         margins_path = run.path / "final_margins.npy"
         runs.append(
             {
                 "method": run.method,
                 "seed": run.seed,
-                "config": run.config,
+                "config": config,
                 "rows": run.rows(),
                 "summary": read_json(summary_path) if summary_path.exists() else {},
                 "margins": np.load(margins_path) if margins_path.exists() else None,
