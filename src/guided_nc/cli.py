@@ -376,7 +376,17 @@ def _add_bench(subparsers) -> None:
         module = importlib.import_module(module_name)
         sub = inner.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
+        sub.set_defaults(func=_device_command if name == "device" else module.run)
+
+
+def _device_command(args: argparse.Namespace) -> int:
+    """The device check writes its JSON; the report turns it into markdown (and prints it)."""
+    from guided_nc.bench import device
+    from guided_nc.reports.device import write_markdown
+
+    code = device.run(args)
+    print(write_markdown(args.out).read_text())
+    return code
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``guided-nc bench device`` is meant to run once on a GPU (in under 8 minutes on one H200) and
 to be recorded in docs/benchmarks.md. It writes ``device_check.json`` and ``device_check.md``
-into ``--out`` and checks, in order:
+into ``--out`` (the markdown by :func:`guided_nc.reports.device.write_markdown`, from the JSON)
+and checks, in order:
 
 1. **routes**: ``nearest_etf`` with every exact route (gram, svd, newton-schulz) and compute
    dtype (float64, float32) on the device, against the CPU float64 SVD route: the error of
@@ -346,7 +347,7 @@ SECTIONS = ("routes", "heads", "drivers", "table3", "syncs", "torchrun")
 
 def run(args: argparse.Namespace) -> int:
     """Run every section (or those not in ``--skip``); write JSON and markdown; 0 if all pass."""
-    from guided_nc.runfiles import atomic_write_json, atomic_write_text, environment_info
+    from guided_nc.runfiles import atomic_write_json, environment_info
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -378,9 +379,6 @@ def run(args: argparse.Namespace) -> int:
     report["total_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "device_check.json", report)
-    text = markdown(report)
-    atomic_write_text(args.out / "device_check.md", text)
-    print(text)
     return 0 if passed(report) else 1
 
 
@@ -388,113 +386,3 @@ def passed(report: dict[str, Any]) -> bool:
     """Whether every correctness row and the torchrun smoke test passed."""
     rows = report.get("routes", []) + report.get("heads", [])
     return all(row["ok"] for row in rows) and report.get("torchrun", {}).get("ok", True)
-
-
-def _ms(value: Any) -> str:
-    return f"{1000 * value:.3g}" if isinstance(value, float) else str(value)
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The check as markdown tables (one per section)."""
-    from guided_nc.reports.tables import markdown_table
-
-    environment = report["environment"]
-    lines = [
-        f"# Device check: {environment.get('gpu', environment['device'])}",
-        "",
-        f"torch {environment['torch']}, CUDA {environment['cuda']}, dry run "
-        f"{report['dry_run']}, {report['total_seconds']:.0f} s in all.",
-        "",
-    ]
-    if "routes" in report:
-        rows = [
-            [
-                r["d"],
-                r["K"],
-                r["route"],
-                r["compute_dtype"],
-                f"{r['weight_error']:.2g}",
-                f"{r['gradient_relative_error']:.2g}",
-                "yes" if r["ok"] else "NO",
-            ]
-            for r in report["routes"]
-        ]
-        header = ["d", "K", "route", "compute", "max |W - W_cpu64|", "grad rel. error", "ok"]
-        lines += ["## Routes against the CPU float64 SVD", "", markdown_table(header, rows)]
-    if "heads" in report:
-        rows = [
-            [
-                r["method"],
-                r["dtype"],
-                f"{r['logits']:.2g}",
-                f"{r['weight']:.2g}",
-                f"{r['features']:.2g}",
-                "yes" if r["ok"] else "NO",
-            ]
-            for r in report["heads"]
-        ]
-        header = ["head", "dtype", "logits", "weight", "features", "ok"]
-        lines += [
-            "## Head steps against the CPU in float64 (relative errors)",
-            "",
-            markdown_table(header, rows),
-        ]
-    if "drivers" in report:
-        svd_keys = [k for k in report["drivers"][0] if k.startswith("svd_")]
-        header = ["d", "K", "dtype", *(f"svd(A) {k[4:-2]} (ms)" for k in svd_keys)]
-        header += [f"{route} fwd+bwd (ms, / svd)" for route in ROUTES]
-        rows = []
-        for r in report["drivers"]:
-            cells = [r["d"], r["K"], r["dtype"], *(_ms(r[k]) for k in svd_keys)]
-            for route in ROUTES:
-                ratio = r.get(f"{route}_ratio")
-                cells.append(_ms(r[f"{route}_s"]) + ("" if ratio is None else f" ({ratio:.2f}x)"))
-            rows.append(cells)
-        lines += [
-            "## SVD drivers vs the routes (forward + backward)",
-            "",
-            markdown_table(header, rows),
-        ]
-    if "table3" in report:
-        for setting, data in report["table3"].items():
-            if "error" in data:
-                lines += [f"## Table 3, {setting}: {data['error']}", ""]
-                continue
-            rows = [
-                [
-                    name,
-                    f"{1000 * r['time_per_step_s']:.3g}",
-                    f"{r.get('ratio', 1.0):.2f}x",
-                    f"{r['peak_memory_mb']:.0f}",
-                ]
-                for name, r in data["heads"].items()
-            ]
-            header = ["head", "ms per step", "/ standard", "peak memory (MiB)"]
-            lines += [
-                f"## Table 3, {setting}, batch {data['batch_size']}",
-                "",
-                markdown_table(header, rows),
-            ]
-    if "syncs" in report:
-        syncs = report["syncs"]
-        if "skipped" in syncs:
-            lines += [f"## Host synchronisations per step: skipped ({syncs['skipped']})", ""]
-        else:
-            rows = [
-                [name, data["syncs"], "; ".join(data["first"])[:120]]
-                for name, data in syncs.items()
-            ]
-            lines += [
-                "## Host synchronisations per training step",
-                "",
-                markdown_table(["head", "syncs", "first messages"], rows),
-            ]
-    if "torchrun" in report:
-        smoke = report["torchrun"]
-        lines += [
-            f"## torchrun, 1 process: {'ok' if smoke['ok'] else 'FAILED'} (backend "
-            f"{smoke.get('backend')}, world size {smoke.get('world_size')}, "
-            f"{smoke['seconds']:.0f} s)",
-            "",
-        ]
-    return "\n".join(lines) + "\n"
