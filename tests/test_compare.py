@@ -106,7 +106,13 @@ def test_cost_table_measures_every_head_whatever_methods_trains(tmp_path):
     one_epoch = TrainConfig(**{**BASE.to_dict(), "epochs": 1})
     run_comparison(one_epoch, methods=("fixed",), seeds=(0,), out=tmp_path, timing_repeats=1)
     timing = json.loads((tmp_path / "timing.json").read_text())
-    assert sorted(timing["heads"]) == ["fixed", "implicit", "implicit-no-ddn", "standard"]
+    assert sorted(timing["heads"]) == [
+        "fixed",
+        "fixed-haar",
+        "implicit",
+        "implicit-no-ddn",
+        "standard",
+    ]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fixed"]
 
 

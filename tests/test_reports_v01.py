@@ -114,3 +114,27 @@ def test_the_comparison_report_rebuilds_from_a_v01_folder(tmp_path):
                 assert f"{value:.3g} [{value:.3g}, {value:.3g}]" in line, (method, split, epoch)
     assert (folder / "figures" / "nc_metrics_test.png").stat().st_size > 1000
     assert (folder / "figures" / "accuracy.png").stat().st_size > 1000
+
+
+def test_interleaved_seconds_are_iterations_times_the_interleaved_step_time(tmp_path):
+    folder = tmp_path / "ufm"
+    shutil.copytree(DATA / "ufm-v0.1", folder)
+    medians = {"standard": 0.5, "fixed": 0.25, "implicit": 2.0}
+    (folder / "step_times.json").write_text(
+        json.dumps(
+            {
+                "steps": 3,
+                "median_seconds": medians,
+                "seconds": {},
+                "environment": {"torch_threads": 1},
+            }
+        )
+    )
+    summary = json.loads((build_report(folder).parent / "summary.json").read_text())
+    for method, cost in medians.items():
+        data = summary["methods"][method]
+        for target in ("full_acc", "bound"):
+            iterations = data["per_seed"][f"iters_to_{target}"]
+            expected = [None if i is None else i * cost for i in iterations]
+            assert data["per_seed"][f"interleaved_seconds_to_{target}"] == expected
+    assert "interleaved seconds to bound" in (folder / "report.md").read_text()

@@ -236,16 +236,22 @@ TEST_TARGET_MARGIN = 0.5
 
 
 def _targets_table(
-    runs: list[dict[str, Any]], methods: list[str]
+    runs: list[dict[str, Any]], methods: list[str], timing: dict[str, Any] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """Steps and training seconds to the targets, median [range] over seeds.
 
     A target is met at the first *evaluated* epoch whose value reaches it (so the evaluation
     schedule is the resolution). Steps = epoch x steps per epoch; seconds = the run's own
     per-epoch training time (its ``summary.json``: training steps only, no evaluation) summed up
-    to that epoch. The test bar is the median over every run of its best test top-1, minus
-    :data:`TEST_TARGET_MARGIN` points: one bar for all methods.
+    to that epoch. With the comparison's ``timing.json`` there is a third column, steps x the
+    head's time per step measured interleaved in one process: seconds that do not depend on
+    how loaded the machine was while each run trained. The test bar is the median over every
+    run of its best test top-1, minus :data:`TEST_TARGET_MARGIN` points: one bar for all
+    methods.
     """
+    per_step = {
+        name: data["time_per_step_s"] for name, data in (timing or {}).get("heads", {}).items()
+    }
     best = [max((row.get("test_acc1") or 0.0) for row in run["rows"]) for run in runs]
     test_bar = float(np.median(best)) - TEST_TARGET_MARGIN if best else None
     targets = [(f"train top-1 >= {t:g} %", "train_acc1", t) for t in TRAIN_TARGETS]
@@ -254,6 +260,8 @@ def _targets_table(
     header = ["method"]
     for title, _, _ in targets:
         header += [f"steps to {title}", f"seconds to {title}"]
+        if per_step:
+            header.append(f"bench seconds to {title}")
     rows = []
     for method in methods:
         mine = [run for run in runs if run["method"] == method]
@@ -266,10 +274,17 @@ def _targets_table(
                 )
                 per_epoch = run["summary"].get("per_epoch", [])
                 clock = cumulative_seconds({t["epoch"]: t["epoch_time_s"] for t in per_epoch})
-                per_step = run["summary"].get("steps_per_epoch")
-                steps.append(None if epoch is None or per_step is None else epoch * per_step)
+                steps_per_epoch = run["summary"].get("steps_per_epoch")
+                steps.append(
+                    None if epoch is None or steps_per_epoch is None else epoch * steps_per_epoch
+                )
                 seconds.append(None if epoch is None else clock.get(epoch))
-            for values, fmt in ((steps, "{:.0f}"), (seconds, "{:.3g}")):
+            columns = [(steps, "{:.0f}"), (seconds, "{:.3g}")]
+            if per_step:
+                cost = per_step.get(method)
+                bench = [None if s is None or cost is None else s * cost for s in steps]
+                columns.append((bench, "{:.3g}"))
+            for values, fmt in columns:
                 row.append(
                     format_median_range(values, fmt=fmt, missing="largest", missing_text="never")
                 )
@@ -381,7 +396,7 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
 
     accuracy = _accuracy_table(runs, methods, epochs)
     cost = _cost_table(runs, methods, timing)
-    targets_header, targets_rows = _targets_table(runs, methods)
+    targets_header, targets_rows = _targets_table(runs, methods, timing)
     margin_rows = _margin_fractions(runs, methods)
     nc_tables = {split: _nc_table(runs, methods, epochs, split) for split in ("train", "test")}
     caption = (
