@@ -270,11 +270,12 @@ def measure_step_times(
     """Seconds per training step of every method on the same machine, interleaved.
 
     Every method (plus ``implicit-no-ddn``, the implicit head without the DDN gradient, when
-    asked) starts from seed ``config.seeds[0]``'s features; then one full-batch step of each
-    method in turn (:func:`guided_nc.timing.time_steps`), ``warmup`` untimed rounds and
-    ``steps`` timed ones, so that load changes on a shared machine hit every method alike. A
-    step is what :func:`train_run` times: forward, loss, backward, optimiser step,
-    renormalisation (no evaluation).
+    asked) starts from seed ``config.seeds[0]``'s features; then one step of each method in turn
+    on the run's first batch (all N features with full batches;
+    :func:`guided_nc.timing.time_steps`), ``warmup`` untimed rounds and ``steps`` timed ones,
+    so that load changes on a shared machine hit every method alike. A step is what
+    :func:`train_run` times: forward, loss, backward, optimiser step, renormalisation (no
+    evaluation).
 
     Returns ``{method: [seconds per step, ...]}``.
     """
@@ -285,7 +286,8 @@ def measure_step_times(
     runs = {}
     for method in methods:
         model, labels, optimizer = _build_problem(config, method, seed)
-        runs[method] = StepRun(model, optimizer, None, labels)
+        index = next(_batch_stream(config, labels, seed))  # the run's first batch (None: all)
+        runs[method] = StepRun(model, optimizer, index, labels if index is None else labels[index])
     results = time_steps(runs, steps, warmup)
     return {method: result["seconds"] for method, result in results.items()}
 
