@@ -77,6 +77,32 @@ def test_a_log_file_gets_one_line_per_epoch_with_loss_accuracy_and_time(tmp_path
     assert "starting run" in done.stderr and "derived: K=10, d=16" in done.stderr
 
 
+def test_a_log_file_gets_a_ufm_line_every_100_iterations(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "guided_nc.cli",
+        "ufm",
+        "--preset",
+        "3:24:6",
+        "--iterations",
+        "200",
+        "--seeds",
+        "1",
+        "--methods",
+        "implicit",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "ufm"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment())
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "implicit seed 0 step" in line]
+    assert [re.search(r"step (\d+)/200", line).group(1) for line in lines] == ["100", "200"]
+    assert all(re.search(r"loss \S+ acc \S+ %", line) for line in lines)
+
+
 def test_a_terminal_bar_shows_loss_and_accuracy(capsys):
     progress = Progress(10, "implicit seed 0", terminal=True)
     progress.update(5)
