@@ -379,12 +379,15 @@ def run(args: argparse.Namespace) -> int:
             f"error: --routes={args.routes!r}: use a subset of {','.join(ROUTES)}", file=sys.stderr
         )
         return 2
+    from guided_nc.runfiles import environment_info
+
     threads = args.threads or torch.get_num_threads()
+    machine = environment_info()
     print(
-        f"# nearest ETF: torch {torch.__version__}, {threads} threads, "
+        f"# nearest ETF: torch {machine['torch']}, {threads} threads, "
         f"device {args.device}, input {args.dtype}, compute {args.compute_dtype}, "
         f"delta {args.delta}, repeats {args.repeats}, "
-        f"{platform.processor() or platform.machine()}; ratio = time / one float64 "
+        f"{machine['processor'] or machine['machine']}; ratio = time / one float64 "
         f"torch.linalg.svd(A) in the same process",
         flush=True,
     )
