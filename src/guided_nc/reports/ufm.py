@@ -558,7 +558,8 @@ def _preset_markdown(summary: dict[str, Any], preset: Preset, figures) -> str:
             for variant, seconds in interleaved["seconds"].items()
         ]
         lines += [
-            f"Interleaved timing (`--time-steps {interleaved['steps']}`: one full-batch step of "
+            f"Interleaved timing (`--time-steps {interleaved['steps']}`: one step (on the run's "
+            f"batch size) of "
             f"each method in turn, {interleaved['environment']['torch_threads']} thread(s)):",
             "",
             markdown_table(["method", "ms per step", "/ standard"], rows),
