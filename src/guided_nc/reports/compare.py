@@ -26,7 +26,12 @@ from guided_nc.reports.figures import (
     series_from_rows,
 )
 from guided_nc.reports.tables import format_median_range, latex_table, markdown_table
-from guided_nc.reports.targets import cumulative_seconds, etf_margin_fraction, first_reached
+from guided_nc.reports.targets import (
+    cumulative_seconds,
+    etf_margin_fraction,
+    first_reached,
+    seconds_at_step_cost,
+)
 from guided_nc.runfiles import atomic_write_text, find_runs, read_json
 
 __all__ = ["NC_FIGURE_METRICS", "NC_TABLE_METRICS", "write_report"]
@@ -281,9 +286,7 @@ def _targets_table(
                 seconds.append(None if epoch is None else clock.get(epoch))
             columns = [(steps, "{:.0f}"), (seconds, "{:.3g}")]
             if per_step:
-                cost = per_step.get(method)
-                bench = [None if s is None or cost is None else s * cost for s in steps]
-                columns.append((bench, "{:.3g}"))
+                columns.append((seconds_at_step_cost(steps, per_step.get(method)), "{:.3g}"))
             for values, fmt in columns:
                 row.append(
                     format_median_range(values, fmt=fmt, missing="largest", missing_text="never")

@@ -21,6 +21,7 @@ __all__ = [
     "cumulative_seconds",
     "etf_margin_fraction",
     "first_reached",
+    "seconds_at_step_cost",
     "spread_at",
 ]
 
@@ -56,6 +57,22 @@ def cumulative_seconds(step_seconds: Mapping[int, float]) -> dict[int, float]:
     ordered = sorted(step_seconds.items())
     totals = itertools.accumulate(seconds for _, seconds in ordered)
     return {position: float(total) for (position, _), total in zip(ordered, totals, strict=True)}
+
+
+def seconds_at_step_cost(
+    counts: Sequence[int | None], seconds_per_step: float | None
+) -> list[float | None]:
+    """Steps to a target times one step's cost (an interleaved measurement): seconds that do not
+    depend on how loaded the machine was while each run trained. None where the target was never
+    met or the step was not timed.
+
+    >>> seconds_at_step_cost([10, None, 4], 0.5)
+    [5.0, None, 2.0]
+    """
+    return [
+        None if count is None or seconds_per_step is None else count * seconds_per_step
+        for count in counts
+    ]
 
 
 def spread_at(values: Sequence[float | None]) -> dict[str, float | None]:

@@ -38,6 +38,7 @@ from guided_nc.reports.targets import (
     cumulative_seconds,
     etf_margin_fraction,
     first_reached,
+    seconds_at_step_cost,
     spread_at,
 )
 from guided_nc.runfiles import (
@@ -399,12 +400,10 @@ def _add_interleaved_seconds(summary: dict[str, Any]) -> None:
     seconds that do not depend on how loaded the machine was while each run trained."""
     medians = summary["interleaved_step_times"]["median_seconds"]
     for method, data in summary["methods"].items():
-        cost = medians.get(method)
         for target in ("full_acc", "bound"):
-            per_seed = [
-                None if iterations is None or cost is None else iterations * cost
-                for iterations in data["per_seed"][f"iters_to_{target}"]
-            ]
+            per_seed = seconds_at_step_cost(
+                data["per_seed"][f"iters_to_{target}"], medians.get(method)
+            )
             data["per_seed"][f"interleaved_seconds_to_{target}"] = per_seed
             data[f"interleaved_seconds_to_{target}"] = summarize(per_seed, "largest")
 
@@ -488,7 +487,9 @@ def _preset_markdown(summary: dict[str, Any], preset: Preset, figures) -> str:
         row = [method_label(method)]
         for target in ("full_acc", "bound"):
             row.append(_fmt_iterations(data[f"iters_to_{target}"]))
-            keys = [f"seconds_to_{target}"] + ([f"interleaved_seconds_to_{target}"] * interleaved)
+            keys = [f"seconds_to_{target}"]
+            if interleaved:
+                keys.append(f"interleaved_seconds_to_{target}")
             row += [
                 format_median_range(data[key], fmt="{:.3g}", missing_text="never") for key in keys
             ]
