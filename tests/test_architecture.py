@@ -20,7 +20,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "guided_nc"
 LAYERS = (
     (
         "foundations",
-        {"_version", "_checks", "catalog", "methods", "distributed", "progress", "runtime"},
+        {
+            "_version",
+            "_checks",
+            "_guards",
+            "catalog",
+            "methods",
+            "distributed",
+            "progress",
+            "runtime",
+        },
     ),
     ("maths", {"etf"}),
     ("solvers", {"solvers"}),  # registers itself with etf: the arrow runs solvers -> etf

@@ -309,10 +309,28 @@ def test_implicit_head_near_collapsed_features():
     torch.testing.assert_close(exact.weight, torch.from_numpy(vertices), atol=1e-6, rtol=0)
 
 
+def _centred_batch_means(features, labels, temperature=5.0):
+    """Ybar_batch (d, K) in numpy float64: class means minus the global mean of h."""
+    h = features.numpy() * temperature / np.linalg.norm(features.numpy(), axis=1, keepdims=True)
+    labels = labels.numpy()
+    means = np.stack([h[labels == k].mean(axis=0) for k in range(labels.max() + 1)], axis=1)
+    return means - h.mean(axis=0)[:, None]
+
+
 def test_implicit_head_alpha_schedule():
-    head = ImplicitETFHead(4, 2, alpha_floor=0.05)
-    assert [head.smoothing_factor(t) for t in (1, 2, 3)] == [1.0, 2 / 3, 0.5]
-    assert head.smoothing_factor(100) == 0.05
+    """alpha_t = max(2/(t+1), floor) as the head applies it: Ybar_t = alpha_t Ybar_batch +
+    (1 - alpha_t) Ybar_{t-1}, checked against the formula at t = 1, 2, 3 and at the floor."""
+    head = ImplicitETFHead(4, 2, alpha_floor=0.05, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(6) % 2
+    expected = np.zeros((4, 2))
+    for t, alpha in ((1, 1.0), (2, 2 / 3), (3, 0.5), (100, 0.05)):
+        if t == 100:
+            head.num_steps.fill_(99)  # the floor: 2/101 < 0.05
+        features = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+        head(features, labels)
+        expected = alpha * _centred_batch_means(features, labels) + (1 - alpha) * expected
+        np.testing.assert_allclose(head.class_mean_average.numpy(), expected, atol=1e-12)
 
 
 def test_implicit_head_eval_before_training_is_canonical_etf():
@@ -466,10 +484,14 @@ def test_rejection_flagged_by_another_rank(monkeypatch, head_class, validation):
         out[-2] += 1  # non-finite features on another rank
         return out
 
+    def reduce_many_with_remote_error(*tensors):  # the implicit head: [sums, counts, flags]
+        return (*tensors[:-1], reduce_with_remote_error(tensors[-1]))
+
     head = head_class(4, 3, validation=validation)
     head(torch.randn(6, 4), torch.arange(6) % 3)  # one clean step first: a non-trivial state
     before = state_copy(head)
     monkeypatch.setattr(heads_module, "all_reduce_sum_with_grad", reduce_with_remote_error)
+    monkeypatch.setattr(heads_module, "all_reduce_sums", reduce_many_with_remote_error)
     if validation == "strict":
         with pytest.raises(ValueError, match=r"NaN or Inf \(on 1 rank"):
             head(torch.randn(6, 4), torch.arange(6) % 3)

@@ -27,6 +27,7 @@ __all__ = [
     "check_head_sizes",
     "check_labels",
     "check_max_iterations",
+    "check_number",
     "check_positive",
     "check_sizes",
     "check_stiefel",
@@ -114,22 +115,54 @@ def check_max_iterations(max_iterations: int) -> None:
         raise ValueError(f"max_iterations={max_iterations!r} must be an integer >= 1 (paper: 30)")
 
 
+def check_number(
+    name: str,
+    value: float | None,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> float | None:
+    """The one number validator: a finite int or float within the bounds (None if ``optional``).
+
+    Returns it as a float. NaN and infinities are refused, so that ``lr=nan`` fails here, at
+    once, and not an epoch later blaming something else. The error names the argument, the
+    value and the range, then ``hint`` (the fix, when there is more to say than the range).
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    too_high = maximum is not None and (value >= maximum if exclusive_maximum else value > maximum)
+    if math.isfinite(value) and not too_low and not too_high:
+        return float(value)
+    if minimum is not None and maximum is not None:
+        bounds = (
+            f" in {'(' if exclusive_minimum else '['}{minimum:g}, "
+            f"{maximum:g}{')' if exclusive_maximum else ']'}"
+        )
+    elif minimum is not None:
+        bounds = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
+    elif maximum is not None:
+        bounds = f" {'<' if exclusive_maximum else '<='} {maximum:g}"
+    else:
+        bounds = ""
+    fix = f"; {hint}" if hint else ""
+    raise ValueError(f"{name}={value} must be a finite number{bounds}{fix}")
+
+
 def check_delta(delta: float) -> float:
     """The proximal coefficient: a finite number >= 0; returns it as a float."""
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-        raise TypeError(f"delta must be a number, got {type(delta).__name__}")
-    if not math.isfinite(delta) or delta < 0:
-        raise ValueError(f"delta={delta} must be a finite number >= 0 (the default is 1e-3)")
-    return float(delta)
+    return check_number("delta", delta, minimum=0, hint="the default is 1e-3")
 
 
 def check_positive(name: str, value: float) -> float:
     """A finite number > 0; returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value} must be a finite number > 0")
-    return float(value)
+    return check_number(name, value, minimum=0, exclusive_minimum=True)
 
 
 #: Up to this K the checks form ``P^T P`` in full (d K^2 multiply-adds, a handful of ops); above

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from guided_nc._checks import check_number
 from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
 from guided_nc.optim import OPTIMIZERS, SCHEDULES
@@ -89,33 +89,6 @@ def _int_range(item: Any) -> range | tuple[int]:
         start, stop = item.rsplit("-", 1)
         return range(int(start), int(stop) + 1)
     return (int(item),)
-
-
-def check_number(
-    name: str,
-    value: float | None,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: bool = False,
-    exclusive_maximum: bool = False,
-    optional: bool = False,
-) -> None:
-    """ValueError unless ``value`` is a finite number in the given range (None if optional).
-
-    NaN and infinities are refused here, before any training starts: ``--lr nan`` would
-    otherwise train an epoch of NaNs and fail later, blaming something else.
-    """
-    if value is None and optional:
-        return
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"{name}={value} must be a finite number; pass a real value")
-    too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
-    too_high = maximum is not None and (value >= maximum if exclusive_maximum else value > maximum)
-    if too_low or too_high:
-        low = "" if minimum is None else f"{minimum} {'<' if exclusive_minimum else '<='} "
-        high = "" if maximum is None else f" {'<' if exclusive_maximum else '<='} {maximum}"
-        raise ValueError(f"{name}={value} is out of range: need {low}{name}{high}")
 
 
 def _check_hyperparameters(config: Any) -> None:

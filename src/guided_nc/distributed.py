@@ -12,6 +12,7 @@ import torch.distributed as dist
 __all__ = [
     "all_reduce_sum",
     "all_reduce_sum_with_grad",
+    "all_reduce_sums",
     "backend",
     "barrier",
     "destroy_process_group",
@@ -54,6 +55,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_sums(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sum several tensors of one dtype over all ranks with one collective; returns new tensors
+    of the same shapes (the inputs themselves, untouched, without a process group)."""
+    if not is_distributed():
+        return tensors
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    sizes = [tensor.numel() for tensor in tensors]
+    pieces = flat.split(sizes)
+    return tuple(piece.view_as(tensor) for piece, tensor in zip(pieces, tensors, strict=True))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -48,7 +49,7 @@ from guided_nc._checks import (
 
 __all__ = [
     "SOLVERS",
-    "PolarFactor",
+    "PolarFactors",
     "centering_matrix",
     "check_solver",
     "etf_classifier",
@@ -57,12 +58,16 @@ __all__ = [
     "gram_target_error",
     "haar_stiefel",
     "nearest_etf",
+    "nearest_etf_target",
     "newton_schulz_schedule",
     "polar_backward",
     "polar_factor",
+    "polar_factors_backward",
     "register_solver",
     "resolve_solver",
     "simplex_etf",
+    "solve_nearest_etf",
+    "solve_polar",
 ]
 
 
@@ -224,6 +229,7 @@ def _frame_backward(
     grad_frame: torch.Tensor,
     *,
     center: bool = False,
+    guarded: bool = False,
 ) -> torch.Tensor:
     """The same dL/dA as :func:`polar_backward`, written with ``P`` instead of ``U = P V``.
 
@@ -233,10 +239,12 @@ def _frame_backward(
 
     (U never appears: ``U X' V^T = P V X' V^T`` and ``G V S^-1 V^T = G N``). Three d x K x K
     products (``P^T G``, ``P X``, ``G N``) and four K x K x K products, against four d x K x K
-    products for the U form: the cheaper form when ``d >= 2.5 K``. Used by the Gram route only,
-    where ``s > 0`` is guaranteed (its threshold), so the reciprocals need no guard.
+    products for the U form: the cheaper form when ``d >= 2.5 K``. The Gram route guarantees
+    ``s > 0`` (its threshold), so its reciprocals need no guard; the SVD route asks for the
+    pseudo-inverse convention (``guarded``), as :func:`polar_backward`.
     """
-    inverse_pair_sum, inverse_spectrum = _reciprocals(spectrum)
+    reciprocals = _pseudo_reciprocals if guarded else _reciprocals
+    inverse_pair_sum, inverse_spectrum = reciprocals(spectrum)
     reduced = frame.transpose(-2, -1) @ grad_frame  # R = P^T G, the one A^T-side product
     projected = right.transpose(-2, -1) @ (reduced @ right)  # Gh = V^T R V
     core = (projected - projected.transpose(-2, -1)) * inverse_pair_sum
@@ -262,162 +270,218 @@ def _frame_form(dim: int, num_classes: int) -> bool:
 
 
 # --- the routes ----------------------------------------------------------------------------------
+#
+# Every route is two pure functions of plain tensors: a forward that returns the polar factor
+# with what its backward needs (:class:`PolarFactors`), and :func:`polar_factors_backward`. The
+# layer (:func:`nearest_etf`, one autograd Function) and the implicit head's fused step both call
+# them, so there is one copy of each route, of its fallback and of its backward.
 
 
-class PolarFactor(torch.autograd.Function):
-    """Orthogonal polar factor ``P = U V^T`` of a d x K matrix ``A = U S V^T`` (d >= K).
+class PolarFactors(NamedTuple):
+    """The polar factor P of a target matrix and what its backward needs.
 
-    Forward: one thin SVD (``torch.linalg.svd``, ``full_matrices=False``). Backward (method.md
-    section 2), for ``G = dL/dP``::
+    ``form`` names the backward (:func:`polar_factors_backward`): ``"u"`` (``saved`` = U, s, V:
+    :func:`polar_backward`), ``"p"`` (P, s, V, N: :func:`_frame_backward`) or ``"newton-schulz"``
+    (P, H = sym(P^T A)). ``guarded`` asks the backward for pseudo-inverse reciprocals (the SVD
+    route, where s may vanish). ``bound`` and ``schedule`` are Newton-Schulz's scale and steps.
+    ``converged`` is Newton-Schulz's device flag when it was not read (deferred use), else None.
 
-        Gh = U^T G V,  F_ij = 1 / (s_i + s_j)
-        dL/dA = U (F o (Gh - Gh^T)) V^T + (I - U U^T) G V S^-1 V^T
-
-    O(dK^2 + K^3) time, O(dK + K^2) memory (saved: U, s, V). Unlike autograd through
-    ``torch.linalg.svd``, it is finite when singular values repeat (a collapsed, ETF-like Y):
-    only the sums ``s_i + s_j`` appear. Runs in the dtype of A; :func:`polar_factor` casts to
-    float64 first.
-
-    Shape: A (d, K) -> P (d, K).
+    Shape: frame (d, K) and every saved tensor in the compute dtype.
     """
 
-    @staticmethod
-    def forward(ctx, matrix: torch.Tensor) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        ctx.save_for_backward(u, s, vh.transpose(-2, -1))
-        return u @ vh
-
-    @staticmethod
-    def backward(ctx, grad_frame: torch.Tensor) -> torch.Tensor:
-        u, s, v = ctx.saved_tensors
-        return polar_backward(u, s, v, grad_frame)
+    frame: torch.Tensor
+    form: str
+    saved: tuple[torch.Tensor, ...]
+    guarded: bool = True
+    bound: float = 1.0
+    schedule: tuple[float, ...] = ()
+    converged: torch.Tensor | None = None
 
 
-# The route Functions take the *input* X (Y, or A itself for polar_factor) for the gradient and
-# the already-built target ``A' = X M + (delta / c) prox`` (``center=True``; the polar factor of
-# ``A = c A'`` is the same, and no pass over d x K multiplies by c) or ``X`` itself, so that
-# building it adds no autograd nodes (per-call overhead dominates at small K). They return P in
-# X's dtype and give back ``dL/dX = (dL/dA') M`` in X's dtype.
+def _svd_factors(target: torch.Tensor) -> PolarFactors:
+    """Route "svd": ``P = U V^T`` from one thin SVD of the target (exact for any A)."""
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    right = vh.transpose(-2, -1)
+    frame = u @ vh
+    if _frame_form(*target.shape):
+        inverse_root = (right * _pseudo_reciprocals(s)[1]) @ vh
+        return PolarFactors(frame, "p", (frame, s, right, inverse_root))
+    # LAPACK's U comes back column-major; products with it ran 1.5-3x slower than with a
+    # row-major copy (measured at d = 1024, K = 100), and the copy costs one pass.
+    return PolarFactors(frame, "u", (u.contiguous(), s, right))
 
 
-class _SVDPolar(torch.autograd.Function):
-    """Route "svd": P = U V^T from one thin SVD of the target; U-form backward."""
-
-    @staticmethod
-    def forward(ctx, features, target, center: bool):
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-        # LAPACK's U comes back column-major; products with it ran 1.5-3x slower than with a
-        # row-major copy (measured at d = 1024, K = 100), and the copy costs one pass.
-        u = u.contiguous()
-        ctx.save_for_backward(u, s, vh.transpose(-2, -1))
-        ctx.center, ctx.input_dtype = center, features.dtype
-        return (u @ vh).to(features.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_frame):
-        u, s, v = ctx.saved_tensors
-        grad = polar_backward(u, s, v, grad_frame, center=ctx.center)
-        return grad.to(ctx.input_dtype), None, None
+def _gram_factors(
+    target: torch.Tensor, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, guarded: bool
+) -> PolarFactors:
+    """Route "gram": ``P = A V diag(1/s) V^T`` from the eigendecomposition of ``A^T A``."""
+    spectrum = eigenvalues.sqrt()  # s, ascending; > 0 (the caller checked the threshold)
+    # eigh's V is column-major; every product with it ran ~1.5x slower (K = 10 and 100).
+    right = eigenvectors.contiguous()
+    if _frame_form(*target.shape):  # P = A N with N = V S^-1 V^T = (A^T A)^(-1/2)
+        inverse_root = (right / spectrum) @ right.transpose(-2, -1)
+        frame = target @ inverse_root
+        return PolarFactors(frame, "p", (frame, spectrum, right, inverse_root), guarded)
+    left = (target @ right) / spectrum  # U = A V S^-1
+    frame = left @ right.transpose(-2, -1)
+    return PolarFactors(frame, "u", (left, spectrum, right), guarded)
 
 
-class _GramPolar(torch.autograd.Function):
-    """Route "gram": P = A V diag(1/s) V^T from the eigendecomposition of A^T A (given)."""
+def _gram_or_svd_factors(
+    target: torch.Tensor, result_dtype: torch.dtype, name: str
+) -> PolarFactors:
+    """Route "gram" with its fallback: the SVD when the eigenvalues fail the threshold.
 
-    @staticmethod
-    def forward(ctx, features, target, eigenvalues, eigenvectors, center: bool):
-        spectrum = eigenvalues.sqrt()  # s, ascending; > 0 (checked by the caller)
-        # eigh's V is column-major; every product with it ran ~1.5x slower (K = 10 and 100).
-        eigenvectors = eigenvectors.contiguous()
-        frame_form = _frame_form(*target.shape)
-        if frame_form:  # P = A N with N = V S^-1 V^T = (A^T A)^(-1/2)
-            inverse_root = (eigenvectors / spectrum) @ eigenvectors.transpose(-2, -1)
-            frame = target @ inverse_root
-            ctx.save_for_backward(frame, spectrum, eigenvectors, inverse_root)
-        else:  # U = A V S^-1, P = U V^T
-            left = (target @ eigenvectors) / spectrum
-            frame = left @ eigenvectors.transpose(-2, -1)
-            ctx.save_for_backward(left, spectrum, eigenvectors)
-        ctx.frame_form, ctx.center, ctx.input_dtype = frame_form, center, features.dtype
-        return frame if frame.dtype == features.dtype else frame.to(features.dtype)
+    The fallback triggers on ``lambda_min <= threshold * lambda_max`` (too ill-conditioned; this
+    includes a rank-deficient A, possible with delta = 0) and on a non-finite ``A^T A`` (overflow
+    of a huge A, which the SVD does not square; or NaN input). Eagerly the decision reads the
+    host twice, and only then is the input checked for NaN/Inf (``name`` in the ValueError), so
+    the common case pays for no finiteness pass; under ``torch.compile`` it is a ``torch.cond``
+    instead, so the graph has no break (callers pass finite input there: the heads do).
+    """
+    threshold = gram_eigenvalue_threshold(target.dtype, result_dtype)
+    gram = target.transpose(-2, -1) @ target
+    # A NaN anywhere makes the sum NaN; an overflowing sum (entries near 1e308) only sends a
+    # finite case to the SVD, which is exact too.
+    total = gram.sum()
+    if torch.compiler.is_compiling():
+        # The same rule as device tensors and a torch.cond. eigh may fail on non-finite input:
+        # it gets zeros instead, which fail the threshold. Both branches give the same form.
+        finite = total.isfinite()
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.where(finite, gram, 0.0))
+        accurate = (eigenvalues[0] > threshold * eigenvalues[-1]) & finite
 
-    @staticmethod
-    def backward(ctx, grad_frame):
-        saved = ctx.saved_tensors
-        if grad_frame.dtype != saved[0].dtype:
-            grad_frame = grad_frame.to(saved[0].dtype)
-        if ctx.frame_form:
-            grad = _frame_backward(*saved, grad_frame, center=ctx.center)
-        else:
-            grad = polar_backward(*saved, grad_frame, center=ctx.center, guarded=False)
-        if grad.dtype != ctx.input_dtype:
-            grad = grad.to(ctx.input_dtype)
-        return grad, None, None, None, None
+        def gram_branch(target, eigenvalues, eigenvectors):
+            factors = _gram_factors(target, eigenvalues, eigenvectors, guarded=True)
+            return (factors.frame, *factors.saved)
+
+        def svd_branch(target, eigenvalues, eigenvectors):
+            factors = _svd_factors(target)
+            return (factors.frame, *factors.saved)
+
+        frame, *saved = torch.cond(
+            accurate, gram_branch, svd_branch, (target, eigenvalues, eigenvectors)
+        )
+        form = "p" if _frame_form(*target.shape) else "u"
+        return PolarFactors(frame, form, tuple(saved))
+    if math.isfinite(total.item()):
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        lowest, highest = eigenvalues[:: eigenvalues.shape[0] - 1].tolist()  # one host read
+        if lowest > threshold * highest:
+            return _gram_factors(target, eigenvalues, eigenvectors, guarded=False)
+    check_finite_features(target, name)
+    return _svd_factors(target)
 
 
-class _NewtonSchulzPolar(torch.autograd.Function):
+def _newton_schulz_factors(target: torch.Tensor, bound: float, floor: float) -> PolarFactors:
     """Route "newton-schulz": scaled Newton-Schulz steps on ``X0 = A / bound``; matmul only.
 
-    Forward, for each ``a`` of the precomputed schedule (:func:`newton_schulz_schedule`)::
+    ``bound`` >= sigma_max(A) and ``floor`` the usual size of its smallest singular value (the
+    schedule starts from ``floor / (safety * bound)``, :func:`newton_schulz_schedule`). For each
+    ``a`` of the schedule::
 
-        X <- X (1.5 a I - 0.5 a^3 X^T X)        (2 d x K x K products per step)
+        X <- 1.5 a X - 0.5 a^3 X (X^T X)        (one product and one addmm)
 
-    then ``H = sym(P^T A)`` for the backward and a convergence flag ``max|P^T P - I| <=
-    tolerance`` computed on the device (an output, never read here). Backward, with the same
-    schedule on the K x K matrices only (no eigendecomposition)::
+    then ``H = sym(P^T A)`` for the backward and the convergence flag ``max|P^T P - I| <=
+    tolerance`` on the device (returned in ``converged``, never read here).
+    """
+    compute_dtype = target.dtype
+    scaled_bound = bound * (1.0 + NEWTON_SCHULZ_MARGIN)
+    lower = min(1.0, floor / (NEWTON_SCHULZ_SAFETY * scaled_bound))
+    schedule = newton_schulz_schedule(lower, torch.finfo(compute_dtype).eps)
+    iterate = target / scaled_bound
+    for a in schedule:
+        gram = iterate.transpose(-2, -1) @ iterate
+        iterate = torch.addmm(iterate, iterate, gram, beta=1.5 * a, alpha=-0.5 * a**3)
+    symmetric = iterate.transpose(-2, -1) @ target
+    symmetric = 0.5 * (symmetric + symmetric.transpose(-2, -1))  # H = sym(P^T A)
+    # max|P^T P - I| from the full Gram matrix (one more product, ~4 % of the forward): no
+    # cached probe tensors, which torch.compile would have to guard on.
+    identity = torch.eye(target.shape[-1], dtype=compute_dtype, device=target.device)
+    deviation = torch.addmm(identity, iterate.transpose(-2, -1), iterate, alpha=-1.0)
+    converged = deviation.abs().amax() <= stored_tolerance(compute_dtype)
+    return PolarFactors(
+        iterate, "newton-schulz", (iterate, symmetric), True, scaled_bound, schedule, converged
+    )
 
-        R = P^T G,  C = R - R^T,  Z = H / bound,  D = C,  E = I
-        each step:  D <- (a/2) (3 D - a^2 (Z^2 D - Z D Z + D Z^2)),
-                    F = 1.5 a I - 0.5 a^3 Z^2,  E <- E F,  Z <- Z F
-        L = D / (2 bound)  (H L + L H = C),   N = E / bound  (= H^-1)
+
+def _stiefel_point_factors(frame: torch.Tensor, target: torch.Tensor) -> PolarFactors:
+    """Factors of the implicit-function gradient at a Stiefel point P found by another solver:
+    ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V`` (docs/etf.md); s may be negative there."""
+    gram = frame.transpose(-2, -1) @ target
+    s, v = torch.linalg.eigh(0.5 * (gram + gram.transpose(-2, -1)))
+    return PolarFactors(frame, "u", (frame @ v, s, v))
+
+
+#: Up to this K the Newton-Schulz backward iterates on one 3K x 3K block matrix (two products a
+#: step: fewest operations, what small K pays for); above it on the K x K blocks (seven products
+#: a step: fewest flops; the block form spends 27 K^3 a product on mostly zero blocks).
+NEWTON_SCHULZ_BLOCK_MAX_CLASSES = 32
+
+
+def _newton_schulz_backward(
+    frame: torch.Tensor,
+    symmetric: torch.Tensor,
+    grad_frame: torch.Tensor,
+    bound: float,
+    schedule: tuple[float, ...],
+    center: bool,
+) -> torch.Tensor:
+    """dL/dA of the Newton-Schulz route, with the forward's schedule on K x K matrices only.
+
+    With ``R = P^T G``, ``C = R - R^T`` and ``Z = H / bound`` (spectrum in [lower, 1]), the
+    schedule's odd polynomial tends to the sign function. Applied to the block matrix
+    ``[[Z, C, I], [0, -Z, 0], [0, 0, -Z]]`` it tends to ``[[I, 2 X, Z^-1], [0, -I, 0], [0, 0,
+    -I]]`` with ``Z X + X Z = C`` (the Lyapunov solution that ``1/(s_i + s_j)`` gives in the
+    eigenbasis; Roberts' sign-function method). Then, with ``L = X / bound`` (``H L + L H =
+    C``) and ``N = Z^-1 / bound = H^-1``::
+
         dL/dA = P (L - R N) + G N
 
-    The K x K iteration is the same scalar polynomial on ``[[Z, D], [0, -Z]]`` (odd), which tends
-    to ``[[I, 2 Lyap(Z, C)], [0, -I]]`` (the sign function), so D tends to the Lyapunov solution
-    that ``1/(s_i + s_j)`` gives in the eigenbasis and E to the inverse: the closed form of
-    :func:`_frame_backward` without ``eigh``.
+    the closed form of :func:`_frame_backward` without ``eigh`` (no host synchronisation). Above
+    :data:`NEWTON_SCHULZ_BLOCK_MAX_CLASSES` the same polynomial runs on the K x K blocks.
     """
-
-    @staticmethod
-    def forward(ctx, features, target, bound: float, schedule, center: bool, tolerance: float):
-        num_classes = target.shape[-1]
-        iterate = target / bound
+    k = frame.shape[-1]
+    reduced = frame.transpose(-2, -1) @ grad_frame  # R = P^T G
+    iterate = symmetric / bound  # Z
+    identity = torch.eye(k, dtype=frame.dtype, device=frame.device)
+    if k <= NEWTON_SCHULZ_BLOCK_MAX_CLASSES:
+        top = torch.cat([iterate, reduced - reduced.transpose(-2, -1), identity], dim=1)
+        below = torch.block_diag(iterate, iterate).neg_()
+        block = torch.cat([top, torch.cat([below.new_zeros(2 * k, k), below], dim=1)], dim=0)
         for a in schedule:
-            step = iterate.transpose(-2, -1) @ iterate
-            step.mul_(-0.5 * a**3).diagonal().add_(1.5 * a)  # 1.5 a I - 0.5 a^3 X^T X
-            iterate = iterate @ step
-        symmetric = iterate.transpose(-2, -1) @ target
-        symmetric = 0.5 * (symmetric + symmetric.transpose(-2, -1))  # H = sym(P^T A)
-        # max|P^T P - I| from the full Gram matrix (one more product, ~4 % of the forward): no
-        # cached probe tensors, which torch.compile would have to guard on.
-        deviation = iterate.transpose(-2, -1) @ iterate
-        deviation.diagonal().sub_(1.0)
-        converged = deviation.abs().amax() <= tolerance
-        ctx.save_for_backward(iterate, symmetric)
-        ctx.mark_non_differentiable(converged)
-        ctx.bound, ctx.schedule, ctx.num_classes = bound, schedule, num_classes
-        ctx.center, ctx.input_dtype = center, features.dtype
-        return iterate.to(features.dtype), converged
-
-    @staticmethod
-    def backward(ctx, grad_frame, _grad_converged):
-        frame, symmetric = ctx.saved_tensors
-        grad_frame = grad_frame.to(frame.dtype)
-        reduced = frame.transpose(-2, -1) @ grad_frame  # R = P^T G
-        lyapunov = reduced - reduced.transpose(-2, -1)  # D = C
-        inverse = torch.eye(ctx.num_classes, dtype=frame.dtype, device=frame.device)  # E
-        iterate = symmetric / ctx.bound  # Z
-        for a in ctx.schedule:
+            block = torch.addmm(block, block, block @ block, beta=1.5 * a, alpha=-0.5 * a**3)
+        lyapunov, inverse = block[:k, k : 2 * k], block[:k, 2 * k :]  # 2 X, Z^-1
+    else:
+        lyapunov = reduced - reduced.transpose(-2, -1)  # D -> 2 X
+        inverse = identity  # E -> Z^-1
+        for a in schedule:
             square = iterate @ iterate
             mixed = square @ lyapunov - (iterate @ lyapunov) @ iterate + lyapunov @ square
             lyapunov = (0.5 * a) * (3.0 * lyapunov - a * a * mixed)
-            step = square.mul(-0.5 * a**3)
-            step.diagonal().add_(1.5 * a)
+            step = torch.add(identity, square, alpha=-(a**2) / 3.0).mul_(1.5 * a)
             inverse = inverse @ step
             iterate = iterate @ step
-        inverse_root = inverse / ctx.bound  # N = H^-1
-        inner = _centre_rows(lyapunov / (2.0 * ctx.bound) - reduced @ inverse_root, ctx.center)
-        grad = torch.addmm(grad_frame @ _centre_rows(inverse_root, ctx.center), frame, inner)
-        return grad.to(ctx.input_dtype), None, None, None, None, None
+    inverse_root = inverse / bound  # N = H^-1
+    inner = _centre_rows(lyapunov / (2.0 * bound) - reduced @ inverse_root, center)
+    return torch.addmm(grad_frame @ _centre_rows(inverse_root, center), frame, inner)
+
+
+def polar_factors_backward(
+    factors: PolarFactors, grad_frame: torch.Tensor, center: bool
+) -> torch.Tensor:
+    """dL/dA (times M when ``center``) of any route, from its :class:`PolarFactors`.
+
+    Shape: grad_frame (d, K) -> (d, K) in the factors' (compute) dtype.
+    """
+    saved = factors.saved
+    if grad_frame.dtype != saved[0].dtype:
+        grad_frame = grad_frame.to(saved[0].dtype)
+    if factors.form == "newton-schulz":
+        return _newton_schulz_backward(*saved, grad_frame, factors.bound, factors.schedule, center)
+    if factors.form == "p":
+        return _frame_backward(*saved, grad_frame, center=center, guarded=factors.guarded)
+    return polar_backward(*saved, grad_frame, center=center, guarded=factors.guarded)
 
 
 # --- the accuracy rule of the Gram route ----------------------------------------------------------
@@ -456,55 +520,6 @@ def gram_eigenvalue_threshold(compute_dtype: torch.dtype, result_dtype: torch.dt
     return GRAM_ERROR_CONSTANT * unit_roundoff / gram_target_error(result_dtype)
 
 
-def _gram_route(
-    features: torch.Tensor,
-    target: torch.Tensor,
-    center: bool,
-    result_dtype: torch.dtype,
-    name: str = "features",
-) -> torch.Tensor:
-    """Route "gram" with its fallback: the SVD route when the eigenvalues fail the threshold.
-
-    The fallback triggers on ``lambda_min <= threshold * lambda_max`` (too ill-conditioned; this
-    includes a rank-deficient A, possible with delta = 0) and on a non-finite ``A^T A`` (overflow
-    of a huge A, which the SVD route does not square; or NaN input). The decision reads one bool
-    on the host, and only then is the input checked for NaN/Inf (``name`` in the ValueError), so
-    the common case pays for no finiteness pass; under ``torch.compile`` it is a ``torch.cond``
-    instead, so the graph has no break (callers pass finite input there: the heads do).
-    """
-    threshold = gram_eigenvalue_threshold(target.dtype, result_dtype)
-    with torch.no_grad():
-        gram = target.transpose(-2, -1) @ target
-        # A NaN anywhere makes the sum NaN; an overflowing sum (entries near 1e308) only sends a
-        # finite case to the SVD, which is exact too.
-        total = gram.sum()
-    if torch.compiler.is_compiling():
-        # The same rule as device tensors and a torch.cond, so that the graph has no break.
-        # eigh may fail on non-finite input: it gets zeros instead, which fail the threshold.
-        with torch.no_grad():
-            finite = total.isfinite()
-            eigenvalues, eigenvectors = torch.linalg.eigh(torch.where(finite, gram, 0.0))
-            accurate = (eigenvalues[0] > threshold * eigenvalues[-1]) & finite
-
-        def gram_branch(features, target, eigenvalues, eigenvectors):
-            return _GramPolar.apply(features, target, eigenvalues, eigenvectors, center)
-
-        def svd_branch(features, target, eigenvalues, eigenvectors):
-            return _SVDPolar.apply(features, target, center)
-
-        return torch.cond(
-            accurate, gram_branch, svd_branch, (features, target, eigenvalues, eigenvectors)
-        )
-    # Eager: the same rule on Python floats (three host reads, fewer operations than tensors).
-    if math.isfinite(total.item()):
-        with torch.no_grad():
-            eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        if eigenvalues[0].item() > threshold * eigenvalues[-1].item():
-            return _GramPolar.apply(features, target, eigenvalues, eigenvectors, center)
-    check_finite_features(features, name)
-    return _SVDPolar.apply(features, target, center)
-
-
 #: sigma_max(X0) <= 1 / (1 + margin): keeps the scaled steps clear of sqrt(3), where the cubic
 #: changes sign (a singular value pushed past it would converge to -1, not 1).
 NEWTON_SCHULZ_MARGIN = 2.0**-8
@@ -538,27 +553,11 @@ def newton_schulz_schedule(lower: float, tolerance: float) -> tuple[float, ...]:
     return tuple(schedule)
 
 
-def _newton_schulz_route(
-    features: torch.Tensor, target: torch.Tensor, bound: float, floor: float, center: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route "newton-schulz": (P in the features' dtype, converged flag on the device).
-
-    ``bound`` >= sigma_max(target) (``||Y||_F + delta / c`` for ``A' = Y M + (delta/c) prox``)
-    and ``floor`` the usual size of its smallest singular value (``delta / c``); the schedule
-    starts from ``floor / (safety * bound)``.
-    """
-    compute_dtype = target.dtype
-    scaled_bound = bound * (1.0 + NEWTON_SCHULZ_MARGIN)
-    lower = min(1.0, floor / (NEWTON_SCHULZ_SAFETY * scaled_bound))
-    schedule = newton_schulz_schedule(lower, torch.finfo(compute_dtype).eps)
-    tolerance = stored_tolerance(compute_dtype)
-    return _NewtonSchulzPolar.apply(features, target, scaled_bound, schedule, center, tolerance)
-
-
 # --- solver names --------------------------------------------------------------------------------
 
-#: An iterative solver registered by another module: ``solve(target, features, prox, delta,
-#: max_iterations) -> P`` (float64, differentiable in ``target`` = A). See :func:`register_solver`.
+#: An iterative solver registered by another module: ``solve(features, prox, delta,
+#: max_iterations) -> P`` (a Stiefel point; no autograd: the gradient is the implicit-function
+#: gradient at P, :func:`_stiefel_point_factors`). See :func:`register_solver`.
 _REGISTERED_SOLVERS: dict[str, Callable[..., torch.Tensor]] = {}
 
 #: Solvers accepted by :func:`nearest_etf`: "auto", the three exact routes of this module, then
@@ -571,8 +570,8 @@ _CLOSED_FORM = ("gram", "svd", "newton-schulz")
 
 
 def register_solver(name: str, solve: Callable[..., torch.Tensor]) -> None:
-    """Make ``nearest_etf(..., solver=name)`` call ``solve(target, features, prox, delta,
-    max_iterations)``.
+    """Make ``nearest_etf(..., solver=name)`` call ``solve(features, prox, delta,
+    max_iterations) -> P`` (Y and prox in the compute dtype; P without autograd).
 
     This keeps the maths module free of any import of an iterative solver: the solver module
     registers itself (``guided_nc.solvers`` registers ``"trust-regions"``; ``import guided_nc``
@@ -623,7 +622,8 @@ def resolve_solver(
 def polar_factor(matrix: torch.Tensor, *, solver: str = "auto") -> torch.Tensor:
     """Differentiable orthogonal polar factor of a (d, K) matrix, d >= K.
 
-    Computed in float64 and returned in the input's dtype, with the closed-form backward.
+    Computed in float64 and returned in the input's dtype, with the closed-form backward
+    (finite where singular values repeat, unlike autograd through ``torch.linalg.svd``).
     ``solver``: ``"auto"`` or ``"gram"`` (the Gram route with its automatic SVD fallback) or
     ``"svd"``. (Newton-Schulz needs a lower bound on the smallest singular value, which a
     general matrix does not come with: use :func:`nearest_etf` for it.)
@@ -642,13 +642,109 @@ def polar_factor(matrix: torch.Tensor, *, solver: str = "auto") -> torch.Tensor:
         raise ValueError(
             f"solver={solver!r} is not supported by polar_factor; use 'auto', 'gram' or 'svd'"
         )
+    route = "svd" if solver == "svd" else "gram"
     target = matrix.detach().to(COMPUTE_DTYPE)
-    if solver == "svd":
-        return _SVDPolar.apply(matrix, target, False)
-    return _gram_route(matrix, target, False, matrix.dtype, "matrix")
+
+    def solve() -> PolarFactors:
+        return solve_polar(target, route, result_dtype=matrix.dtype, name="matrix")
+
+    return _PolarLayer.apply(matrix, solve, False)
 
 
-def _solve(
+class _PolarLayer(torch.autograd.Function):
+    """The layer of :func:`nearest_etf` and :func:`polar_factor`: ``solve()`` gives the
+    :class:`PolarFactors` (eagerly, fallbacks taken), :func:`polar_factors_backward` the gradient.
+    Gradient flows to ``features`` (X: Y, or A itself for :func:`polar_factor`) as
+    ``(dL/dA') M`` (``center``) or ``dL/dA``; the target is built inside ``solve``, as a
+    constant, so building it adds no autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, features, solve, center):
+        factors = solve()
+        ctx.save_for_backward(*factors.saved)
+        ctx.factors = factors._replace(frame=None, saved=(), converged=None)
+        ctx.center, ctx.input_dtype = center, features.dtype
+        return factors.frame.to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_frame):
+        factors = ctx.factors._replace(saved=ctx.saved_tensors)
+        grad = polar_factors_backward(factors, grad_frame, ctx.center)
+        return grad.to(ctx.input_dtype), None, None
+
+
+def solve_polar(
+    target: torch.Tensor,
+    route: str,
+    *,
+    result_dtype: torch.dtype | None = None,
+    bound: float | None = None,
+    floor: float = 0.0,
+    strict: bool = True,
+    name: str = "features",
+) -> PolarFactors:
+    """The orthogonal polar factor of ``target`` by one exact route, with the route's fallback.
+
+    No autograd (wrap it, as :func:`nearest_etf` and the implicit head do, and differentiate with
+    :func:`polar_factors_backward`); no validation of the target's shape.
+
+    * ``"gram"``: eigh of ``A^T A``, the SVD when that would cost accuracy for a result stored
+      in ``result_dtype`` (:func:`gram_eigenvalue_threshold`; one host read eagerly, a
+      ``torch.cond`` while compiling).
+    * ``"svd"``: one thin SVD.
+    * ``"newton-schulz"``: matmul-only steps from ``bound >= sigma_max(A)`` and the usual size
+      ``floor`` of ``sigma_min(A)``. ``strict``: read the convergence flag and answer with the
+      SVD if it failed (one host read); otherwise return the flag in ``converged``, unread.
+
+    ``name`` is what a NaN/Inf error calls the input. Shape: target (d, K), in the compute dtype.
+    """
+    if route == "gram":
+        return _gram_or_svd_factors(target, result_dtype or target.dtype, name)
+    if route == "svd":
+        check_finite_features(target, name)
+        return _svd_factors(target)
+    if route != "newton-schulz":
+        raise ValueError(f"route={route!r} is not an exact route; use one of {_CLOSED_FORM}")
+    if bound is None:
+        bound = float(torch.linalg.matrix_norm(target))  # ||A||_F >= sigma_max (a host read)
+        if not math.isfinite(bound):  # NaN/Inf in A, or an overflowing norm
+            check_finite_features(target, name)
+            return _svd_factors(target)
+    factors = _newton_schulz_factors(target, bound, floor)
+    if not strict:
+        return factors
+    if not bool(factors.converged):
+        # The lower bound on s_min(A) did not hold (e.g. Y M cancels delta prox) or A is not
+        # finite: the host may wait here, so check, then answer exactly with the SVD.
+        check_finite_features(target, name)
+        return _svd_factors(target)
+    return factors._replace(converged=None)
+
+
+def nearest_etf_target(
+    features: torch.Tensor,
+    prox: torch.Tensor | None,
+    delta: float,
+    compute_dtype: torch.dtype = COMPUTE_DTYPE,
+) -> torch.Tensor:
+    """``A' = Y M + (delta / c) prox`` (d, K) in ``compute_dtype``, no autograd: the target
+    whose polar factor is the nearest ETF (``A = c A'`` has the same polar factor, and no pass
+    over d x K multiplies by c). ``prox=None`` is the first-step rule: ``prox = eye(d, K)``.
+    Mixed dtypes promote inside the ops (no separate float64 copies of Y and prox)."""
+    with torch.no_grad():
+        scale = 2.0 / math.sqrt(features.shape[-1] - 1)  # c
+        target = torch.sub(features, features.mean(dim=-1, keepdim=True, dtype=compute_dtype))
+        if target.dtype != compute_dtype:  # float64 Y with a float32 solve
+            target = target.to(compute_dtype)
+        if delta != 0:
+            if prox is None:
+                target.diagonal().add_(delta / scale)
+            else:
+                target.add_(prox.to(target.device), alpha=delta / scale)
+        return target
+
+
+def solve_nearest_etf(
     features: torch.Tensor,
     prox: torch.Tensor | None,
     delta: float,
@@ -657,59 +753,43 @@ def _solve(
     compute_dtype: torch.dtype = COMPUTE_DTYPE,
     result_dtype: torch.dtype | None = None,
     feature_norm: float | None = None,
+    strict: bool = True,
     max_iterations: int = 30,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The nearest-ETF solve on validated inputs: ``(P, converged)``.
+) -> PolarFactors:
+    """The nearest-ETF solve on validated inputs, without autograd: :class:`PolarFactors` of
+    ``A' = Y M + (delta / c) prox`` (:func:`nearest_etf_target`), by a resolved route.
 
-    P is in the features' dtype and differentiable in them; ``converged`` is a device bool for
-    ``"newton-schulz"`` (never read here) and None for the routes that are always exact.
-    ``result_dtype`` sets the Gram route's accuracy target (default: the features' dtype; the
-    heads pass the dtype they store P in). ``feature_norm`` is an upper bound on ``||Y||_F``
-    for Newton-Schulz (the heads pass 1: their Y has unit norm); None reads it from the device.
-    No validation and, except for the Gram route's fallback test on the CPU (a host read) and
-    ``feature_norm=None``, no host synchronisation: :mod:`guided_nc.heads` calls this directly.
+    The public solve that :func:`nearest_etf` and the implicit head share (the head wraps it in
+    its own fused backward). ``result_dtype`` sets the Gram route's accuracy target (default:
+    the features' dtype; the heads pass the dtype they store P in). ``feature_norm`` is an upper
+    bound on ``||Y||_F`` for Newton-Schulz (the heads pass 1: their Y has unit norm); None reads
+    it from the device. ``strict``: see :func:`solve_polar`. A registered solver (e.g.
+    ``"trust-regions"``) returns P, and the backward is the implicit-function gradient at P.
     """
-    dim, num_classes = features.shape
-    scale = 2.0 / math.sqrt(num_classes - 1)  # c
+    target = nearest_etf_target(features, prox, delta, compute_dtype)
+    floor = delta / (2.0 / math.sqrt(features.shape[-1] - 1))  # delta / c, the usual s_min(A')
     if route in _CLOSED_FORM:
-        with torch.no_grad():
-            # A' = Y M + (delta / c) prox = A / c: the same polar factor, one pass fewer. Mixed
-            # dtypes promote inside the ops (no separate float64 copies of Y and prox).
-            target = torch.sub(features, features.mean(dim=1, keepdim=True, dtype=compute_dtype))
-            if target.dtype != compute_dtype:  # float64 Y with a float32 solve
-                target = target.to(compute_dtype)
-            if route == "newton-schulz" and feature_norm is None:
-                feature_norm = float(torch.linalg.matrix_norm(target))  # ||Y M||_F (a host read)
-                if not math.isfinite(feature_norm):  # NaN/Inf in Y, or an overflowing norm
-                    check_finite_features(features)
-                    route = "svd"
-            if delta != 0:
-                if prox is None:  # first-step rule (method.md): prox = eye(d, K)
-                    target.diagonal().add_(delta / scale)
-                else:
-                    if prox.device != target.device:
-                        prox = prox.to(target.device)
-                    target.add_(prox, alpha=delta / scale)
-        if route == "gram":
-            return _gram_route(features, target, True, result_dtype or features.dtype), None
-        if route == "svd":
-            return _SVDPolar.apply(features, target, True), None
-        bound = feature_norm + delta / scale  # >= ||Y M||_2 + (delta / c) ||prox||_2
-        return _newton_schulz_route(features, target, bound, delta / scale, True)
+        bound = None if feature_norm is None else feature_norm + floor  # >= ||Y M|| + ||.. prox||
+        return solve_polar(
+            target,
+            route,
+            result_dtype=result_dtype or features.dtype,
+            bound=bound,
+            floor=floor,
+            strict=strict,
+        )
     if route not in _REGISTERED_SOLVERS:
         raise RuntimeError(
             f"solver={route!r} is not registered; import guided_nc (or guided_nc.solvers) "
             "before calling nearest_etf with it"
         )
-    # A registered solver differentiates through A itself: build it with autograd.
-    y = features.to(compute_dtype)
+    y = features.detach().to(compute_dtype)
     if prox is None:
-        anchor = torch.eye(dim, num_classes, dtype=compute_dtype, device=y.device)
+        anchor = torch.eye(*features.shape, dtype=compute_dtype, device=y.device)
     else:
         anchor = prox.detach().to(dtype=compute_dtype, device=y.device)
-    target = scale * (y - y.mean(dim=1, keepdim=True)) + delta * anchor
-    frame = _REGISTERED_SOLVERS[route](target, y.detach(), anchor, delta, max_iterations)
-    return frame.to(features.dtype), None
+    frame = _REGISTERED_SOLVERS[route](y, anchor, delta, max_iterations)
+    return _stiefel_point_factors(frame.to(dtype=compute_dtype, device=y.device), target)
 
 
 def nearest_etf(
@@ -774,15 +854,18 @@ def nearest_etf(
         )
     if prox is not None:
         prox = check_stiefel(prox, "prox", features.shape[0], num_classes)
-    frame, converged = _solve(
-        features, prox, delta, route, compute_dtype=compute_dtype, max_iterations=max_iterations
-    )
-    if converged is not None and not bool(converged):
-        # Newton-Schulz's lower bound on s_min(A) did not hold (e.g. Y M cancels delta prox) or
-        # Y is not finite: here the host may wait, so check, then answer exactly with the SVD.
-        check_finite_features(features)
-        frame, _ = _solve(features, prox, delta, "svd", compute_dtype=compute_dtype)
-    return frame
+
+    def solve() -> PolarFactors:
+        return solve_nearest_etf(
+            features,
+            prox,
+            delta,
+            route,
+            compute_dtype=compute_dtype,
+            max_iterations=max_iterations,
+        )
+
+    return _PolarLayer.apply(features, solve, True)
 
 
 def etf_distance(features: torch.Tensor) -> torch.Tensor:

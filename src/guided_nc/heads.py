@@ -28,6 +28,7 @@ exact update rules are in ``docs/heads.md``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,17 @@ from guided_nc._checks import (
     check_stiefel,
     check_validation,
 )
-from guided_nc.distributed import all_reduce_sum, all_reduce_sum_with_grad
-from guided_nc.etf import _solve, check_solver, etf_classifier, resolve_solver, simplex_etf
+from guided_nc._guards import committed, counted, drain, is_strict, store_buffer
+from guided_nc.distributed import all_reduce_sum, all_reduce_sum_with_grad, all_reduce_sums
+from guided_nc.etf import (
+    PolarFactors,
+    check_solver,
+    etf_classifier,
+    polar_factors_backward,
+    resolve_solver,
+    simplex_etf,
+    solve_nearest_etf,
+)
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS
 
 __all__ = [
@@ -63,6 +73,9 @@ DEFAULT_ALPHA_FLOOR = 1e-4
 #: Reasons a batch is rejected, in the order of the ``rejected_batches`` counter.
 REJECTION_REASONS = ("non-finite features", "labels out of range", "solver not converged")
 
+#: The clamp of the feature norms in the normalisation (as :func:`torch.nn.functional.normalize`).
+NORM_EPS = 1e-12
+
 #: dtypes an ETF head may keep its state in (float16/bfloat16 are too coarse for a Stiefel frame
 #: and for running statistics; features of those dtypes are fine).
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -71,9 +84,9 @@ STATE_DTYPES = (torch.float32, torch.float64)
 def normalize_features(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample normalisation ``h = tau * f / ||f||_2`` (method.md section 1).
 
-    The norm is clamped at 1e-12 (as :func:`torch.nn.functional.normalize`), so an all-zero
-    feature maps to 0. One scaling pass over the batch: ``f * (tau / ||f||)`` (a (B, 1)
-    factor), rather than a division and then a multiplication by tau.
+    The norm is clamped at :data:`NORM_EPS` = 1e-12 (as :func:`torch.nn.functional.normalize`),
+    so an all-zero feature maps to 0. One scaling pass over the batch: ``f * (tau / ||f||)``
+    (a (B, 1) factor), rather than a division and then a multiplication by tau.
 
     Shape: features (B, d) -> (B, d), same dtype and device; differentiable.
     """
@@ -93,7 +106,7 @@ def _normalized(features: torch.Tensor, temperature: float) -> tuple[torch.Tenso
     the same bits) and the row norms (B, 1), which the heads reuse as their finiteness test."""
     features = _working_dtype(features)
     norms = features.norm(2, dim=-1, keepdim=True)
-    return features * (temperature / norms.clamp_min(1e-12)), norms
+    return features * (temperature / norms.clamp_min(NORM_EPS)), norms
 
 
 def _value_flags(
@@ -127,6 +140,13 @@ def _raise_value_errors(errors: torch.Tensor, num_classes: int) -> None:
         )
 
 
+def _reasons(flags: torch.Tensor, converged: torch.Tensor | None = None) -> torch.Tensor:
+    """The (3,) rejection flags of :data:`REJECTION_REASONS` from the (2,) value flags and the
+    solver's convergence flag (None: nothing to converge)."""
+    failed = flags.new_zeros(1) if converged is None else (~converged).reshape(1).to(flags.dtype)
+    return torch.cat([flags, failed])
+
+
 def _check_state_dtype(dtype: torch.dtype | None, head: str) -> torch.dtype:
     """The dtype of an ETF head's state: float32 or float64 (default: torch's default dtype)."""
     dtype = dtype or torch.get_default_dtype()
@@ -144,7 +164,7 @@ class _Head(nn.Module):
 
     ``rejected_batches`` (non-persistent buffer, (3,) long) counts the batches rejected since the
     last :meth:`check`, per reason (:data:`REJECTION_REASONS`); it is a report, not state, so it
-    is not in the ``state_dict``.
+    is not in the ``state_dict``. The modes themselves live in :mod:`guided_nc._guards`.
     """
 
     temperature: float
@@ -166,38 +186,27 @@ class _Head(nn.Module):
         return _normalized(features, self.temperature)[0]
 
     def strict(self, device: torch.device) -> bool:
-        """Whether a call on ``device`` raises at once (``"strict"``) or defers (``"deferred"``).
+        """Whether a call on ``device`` raises at once (``"strict"``) or defers (``"deferred"``);
+        ``"auto"`` is strict on the CPU, deferred elsewhere and while compiling."""
+        return is_strict(self.validation, device)
 
-        ``"auto"`` is strict on the CPU (a host read is free there) and deferred elsewhere; a
-        graph being traced by ``torch.compile`` is always deferred (it cannot raise on values).
-        """
-        if torch.compiler.is_compiling():
-            return False
-        if self.validation == "auto":
-            return device.type == "cpu"
-        return self.validation == "strict"
+    def _screen(self, flags: torch.Tensor, strict: bool) -> torch.Tensor | None:
+        """Judge a batch by its value flags ``[non-finite features, labels out of range]``
+        (summed over ranks). Strict: raise now, before any state changes, and return None;
+        deferred: the on-device verdict ``ok``."""
+        if strict:
+            _raise_value_errors(flags, self.num_classes)  # every rank raises together
+            return None
+        return ~(flags > 0).any()
 
-    def _count_rejections(self, flags: torch.Tensor) -> None:
-        """Add the (3,) bool/0-1 ``flags`` of one batch to the counter (on the device)."""
-        with torch.no_grad():
-            counts = self.rejected_batches + (flags > 0).to(self.rejected_batches.dtype)
-            self._commit("rejected_batches", counts)
+    def _commit(self, ok: torch.Tensor | None, updates: dict[str, torch.Tensor]) -> None:
+        """Store every new buffer value; deferred (``ok`` a device flag): only if ``ok``."""
+        for name, value in updates.items():
+            store_buffer(self, name, committed(ok, value, getattr(self, name)))
 
-    def _commit(self, name: str, value: torch.Tensor) -> None:
-        """Store ``value`` in the buffer ``name`` (its dtype kept), under ``no_grad``.
-
-        Eagerly this is ``copy_`` (in place). While ``torch.compile`` traces, the buffer is
-        rebound instead: AOTAutograd's partitioner may recompute in the backward a value read
-        from a buffer that the forward mutates in place, and then reads the *updated* buffer
-        (wrong gradients; pytorch/pytorch PR #197039, "Don't recompute reads of mutated inputs
-        or mutable buffers", open for torch 2.14). Rebinding leaves the input unmutated (one
-        graph, no recompilation; tested).
-        """
-        buffer = getattr(self, name)
-        if torch.compiler.is_compiling():
-            setattr(self, name, value.to(buffer.dtype))
-        else:
-            buffer.copy_(value)
+    def _count(self, flags: torch.Tensor) -> None:
+        """Add one batch's (3,) rejection flags (:data:`REJECTION_REASONS`) to the counter."""
+        store_buffer(self, "rejected_batches", counted(self.rejected_batches, flags))
 
     def check(self) -> None:
         """Raise ``ValueError`` if batches were rejected since the last check (deferred mode).
@@ -205,11 +214,9 @@ class _Head(nn.Module):
         One host read. The counter is reset before raising, so a caller that catches the error
         can go on. ``train()`` and ``eval()`` call it (one host read at each switch).
         """
-        counts = self.rejected_batches.tolist()
-        if not any(counts):
+        counts = drain(self.rejected_batches)
+        if not counts:
             return
-        with torch.no_grad():
-            self.rejected_batches.zero_()
         fixes = {
             "non-finite features": "check the backbone (e.g. lower the learning rate)",
             "labels out of range": f"labels must lie in [0, {self.num_classes - 1}]",
@@ -239,8 +246,8 @@ class _Head(nn.Module):
         strict: bool,
         *,
         reduce: bool,
-    ) -> torch.Tensor:
-        """Value flags of a batch (2,) bool; raises at once when ``strict``, else counts them.
+    ) -> None:
+        """Check a batch's values (no state to protect: evaluation and the standard head).
 
         ``reduce`` sums the flags over ranks first (training mode, where every rank steps
         together), so that every rank raises together and no rank is left in a collective.
@@ -248,11 +255,8 @@ class _Head(nn.Module):
         flags = _value_flags(norms, labels, self.num_classes)
         if reduce:
             flags = all_reduce_sum(flags.to(torch.int32))
-        if strict:
-            _raise_value_errors(flags, self.num_classes)
-        else:
-            self._count_rejections(torch.cat([flags.to(torch.long), flags.new_zeros(1).long()]))
-        return flags
+        if self._screen(flags, strict) is not None:
+            self._count(_reasons(flags))
 
 
 class LearnableHead(_Head):
@@ -380,40 +384,6 @@ class _CentredETFHead(_Head):
                 f"bfloat16 features and autocast are fine)"
             )
 
-    def _batch_sums(
-        self, h: torch.Tensor, onehot: torch.Tensor | None, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sums (K, d) or (d,), counts (K,) or ()) of a batch, in the compute dtype.
-
-        Reduced in the features' own dtype (at least float32), without a float64 copy of the
-        (B, d) batch: ``sum(h - r) + n r`` with ``r = h[0]`` (detached; every rank its own, the
-        ``n r`` term is added back in the compute dtype before the all-reduce). The shift keeps
-        the float32 sums accurate where the class means nearly coincide (early training: class
-        offsets 1e-4 of tau gave 1.7e-3 relative error on Ybar unshifted, 1.9e-6 shifted; random
-        features 1.9e-7 vs 5.5e-8). On accelerators the class sums are one one-hot product,
-        deterministic unlike ``index_add`` (atomics there), with out-of-range labels giving a
-        zero row instead of an error; it costs 2BKd flops (and as much backward), which a CPU
-        feels at large K (UFM-200: 2 GFlop a step), so on the CPU, where ``index_add`` is
-        sequential and deterministic, the sums are an O(Bd) ``index_add`` of the in-range rows.
-        """
-        reference = h[0].detach()
-        shifted = h - reference
-        compute = self.compute_dtype
-        if onehot is None:
-            count = torch.full((), h.shape[0], dtype=compute, device=h.device)
-            sums = shifted.sum(dim=0).to(compute) + count * reference.to(compute)
-            return sums, count
-        counts = onehot.sum(dim=0).to(compute)
-        if labels is not None and h.device.type == "cpu":
-            # Out-of-range labels go to an extra row K, dropped: no (B, d) mask to multiply.
-            k = self.num_classes
-            index = torch.where((labels >= 0) & (labels < k), labels, k)
-            sums = shifted.new_zeros(k + 1, h.shape[1]).index_add(0, index, shifted)[:k]
-            sums = sums.to(compute)
-        else:
-            sums = (onehot.transpose(0, 1) @ shifted).to(compute)
-        return sums + counts.unsqueeze(1) * reference.to(compute), counts
-
     def _running_mean_update(self, batch_mean: torch.Tensor) -> torch.Tensor:
         """The new running mean (not yet stored). The first training step copies the batch mean
         (no bias towards the zero initialisation); later steps use the momentum, or a cumulative
@@ -505,29 +475,31 @@ class FixedETFHead(_CentredETFHead):
         if not self.training:
             return self._eval_logits(features, h, norms)
         strict = self.strict(features.device)
-        flags = _value_flags(norms, labels, self.num_classes).to(self.compute_dtype)
-        sums, count = self._batch_sums(h, None)
+        compute = self.compute_dtype
         # One all-reduce: [sum of h | count | error flags] (identity without a process group).
-        total = all_reduce_sum_with_grad(torch.cat([sums, count.unsqueeze(0), flags]))
+        # The sum runs in the features' dtype shifted by the first row, as in
+        # :func:`class_statistics`; the gradient flows back to every rank's features.
+        reference = h[0].detach()
+        sums = (h - reference).sum(dim=0).to(compute) + h.shape[0] * reference.to(compute)
+        flags = _value_flags(norms, labels, self.num_classes).to(compute)
+        count = torch.full((1,), h.shape[0], dtype=compute, device=h.device)
+        total = all_reduce_sum_with_grad(torch.cat([sums, count, flags]))
         d = self.num_features
         flags = total[d + 1 :].detach()
-        if strict:
-            _raise_value_errors(flags, self.num_classes)  # every rank raises together
+        ok = self._screen(flags, strict)  # every rank raises together
         batch_mean = total[:d] / total[d].detach()
         if not self.bias_gradient:
             batch_mean = batch_mean.detach()
         weight = self.weight.to(h.dtype)
         logits = F.linear(h, weight, -(weight @ batch_mean.to(h.dtype)))
-        ok = None if strict else ~(flags > 0).any()
-        with torch.no_grad():
-            running_mean = self._running_mean_update(batch_mean)
-            if ok is None:  # strict: the checks passed, commit
-                self._commit("running_mean", running_mean)
-                self._commit("num_steps", self.num_steps + 1)
-            else:  # deferred: commit only if the (all-ranks) batch was clean
-                self._commit("running_mean", torch.where(ok, running_mean, self.running_mean))
-                self._commit("num_steps", self.num_steps + ok.to(self.num_steps.dtype))
-                self._count_rejections(torch.cat([flags, flags.new_zeros(1)]))
+        with torch.no_grad():  # deferred: commit only if the (all-ranks) batch was clean
+            updates = {
+                "running_mean": self._running_mean_update(batch_mean),
+                "num_steps": self.num_steps + 1,
+            }
+            self._commit(ok, updates)
+            if ok is not None:
+                self._count(_reasons(flags))
         return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
     def extra_repr(self) -> str:
@@ -538,6 +510,180 @@ class FixedETFHead(_CentredETFHead):
             f"bias_gradient={self.bias_gradient}, compute_dtype={self.compute_dtype}, "
             f"validation={self.validation!r}"
         )
+
+
+# --- the implicit head's step, as pure functions -------------------------------------------------
+
+
+class ClassStatistics(NamedTuple):
+    """A batch's class statistics, summed over ranks (:func:`class_statistics`).
+
+    ``sums`` (K, d) and ``counts`` (K,) in the compute dtype; ``flags`` (2,) counts the ranks
+    whose batch had non-finite features or labels outside [0, K); ``scatter`` is how a gradient
+    of the sums goes back to the samples: the class index (B,) with K for out-of-range labels
+    (CPU) or the one-hot (B, K) matrix (accelerators).
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    flags: torch.Tensor
+    scatter: torch.Tensor
+
+
+def class_statistics(
+    h: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor, num_classes: int, compute_dtype
+) -> ClassStatistics:
+    """Class sums and counts of a batch of normalised features, summed over ranks.
+
+    Reduced in the features' own dtype (at least float32), without a float64 copy of the
+    (B, d) batch: ``sum(h - r) + n r`` with ``r = h[0]`` (every rank its own; the ``n r`` term
+    is added back in the compute dtype before the all-reduce). The shift keeps the float32 sums
+    accurate where the class means nearly coincide (early training: class offsets 1e-4 of tau
+    gave 1.7e-3 relative error on Ybar unshifted, 1.9e-6 shifted). On accelerators the sums are
+    one one-hot product, deterministic unlike ``index_add`` (atomics there), with out-of-range
+    labels giving a zero row instead of an error; on the CPU, where ``index_add`` is sequential
+    and deterministic, they are an O(Bd) ``index_add`` (the one-hot product costs 2BKd flops,
+    which a CPU feels at large K). The features are judged through their row norms: a NaN or
+    Inf entry makes its row's norm NaN or Inf.
+
+    Shape: h (B, d), norms (B, 1), labels (B,) int -> :class:`ClassStatistics`.
+    """
+    reference = h[0]
+    shifted = h - reference
+    if h.device.type == "cpu":
+        out_of_range = (labels < 0) | (labels >= num_classes)
+        scatter = labels.masked_fill(out_of_range, num_classes)  # row K: dropped
+        sums = shifted.new_zeros(num_classes + 1, h.shape[1]).index_add_(0, scatter, shifted)
+        # Counts by index_add too: bincount synchronises on CUDA, and the deferred step is
+        # tested on the CPU with every synchronising op made to raise.
+        counts = h.new_zeros(num_classes + 1).index_add_(0, scatter, h.new_ones(h.shape[0]))
+        sums, counts, bad_labels = sums[:num_classes], counts[:num_classes], out_of_range.any()
+    else:
+        classes = torch.arange(num_classes, device=h.device)
+        scatter = (labels.unsqueeze(1) == classes).to(h.dtype)  # (B, K)
+        sums, counts = scatter.transpose(0, 1) @ shifted, scatter.sum(dim=0)
+        bad_labels = counts.sum() != labels.shape[0]
+    counts = counts.to(compute_dtype)
+    sums = torch.addr(sums.to(compute_dtype), counts, reference.to(compute_dtype))
+    flags = torch.stack([~torch.isfinite(norms).all(), bad_labels]).to(compute_dtype)
+    return ClassStatistics(*all_reduce_sums(sums, counts, flags), scatter)
+
+
+class _ImplicitETFLogits(torch.autograd.Function):
+    """Logits ``W h + b`` of the implicit head's training step, with one hand-written backward.
+
+    The forward's inputs were computed without autograd (the step's sections in
+    :meth:`ImplicitETFHead._training_step`); only ``features`` receives a gradient. The backward
+    is the chain rule through every section (docs/heads.md, "The fused backward"), for
+    ``Gz = dL/dz``::
+
+        dW   = Gz^T (h - mu)                    dmu = -W^T sum_i Gz_i
+        dY   = polar backward of sqrt(K/(K-1)) dW^T M      (ddn_grad only)
+        dAvg = (dY - <dY, Y> Y) / ||Avg||       dYbar = dAvg diag(alpha_t present)
+        dS_k = dYbar_k / n_k + (dmu - sum_k dYbar_k) / n     (summed over ranks)
+        dh_i = W^T Gz_i + dS_{y_i}
+        df_i = (tau / ||f_i||) (dh_i - <dh_i, h_i> h_i / tau^2)
+
+    so the whole head costs one autograd node instead of one per operation.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        features,
+        h,
+        norms,
+        weight,
+        mean,
+        unit_average,
+        average_norm,
+        mix,
+        inverse_counts,
+        inverse_total,
+        scatter,
+        temperature: float,
+        ddn_grad: bool,
+        form: str,
+        guarded: bool,
+        bound: float,
+        schedule: tuple,
+        *saved,
+    ):
+        weight_h = weight.to(h.dtype)
+        mean_h = mean.to(h.dtype)
+        logits = torch.addmm(-(weight_h @ mean_h), h, weight_h.transpose(0, 1))
+        ctx.save_for_backward(
+            h,
+            norms,
+            weight_h,
+            mean_h,
+            unit_average,
+            average_norm,
+            mix,
+            inverse_counts,
+            inverse_total,
+            scatter,
+            *saved,
+        )
+        ctx.temperature, ctx.ddn_grad, ctx.input_dtype = temperature, ddn_grad, features.dtype
+        ctx.form, ctx.guarded, ctx.bound, ctx.schedule = form, guarded, bound, schedule
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        (
+            h,
+            norms,
+            weight,
+            mean,
+            unit_average,
+            average_norm,
+            mix,
+            inverse_counts,
+            inverse_total,
+            scatter,
+            *saved,
+        ) = ctx.saved_tensors
+        compute = unit_average.dtype
+        grad_logits = grad_logits.to(h.dtype)
+        column_sums = grad_logits.sum(dim=0)  # sum_i Gz_i (K,)
+        grad_h = grad_logits @ weight  # W^T Gz_i, through the logits
+        grad_mean = -(column_sums @ weight).to(compute)  # through b = -W mu
+        if ctx.ddn_grad:
+            num_classes = weight.shape[0]
+            grad_weight = torch.addr(grad_logits.transpose(0, 1) @ h, column_sums, mean, alpha=-1)
+            # W = sqrt(K/(K-1)) (P M)^T: dL/dP = sqrt(K/(K-1)) dW^T M
+            grad_frame = grad_weight.transpose(0, 1).to(compute)
+            grad_frame = (grad_frame - grad_frame.mean(dim=1, keepdim=True)).mul_(
+                math.sqrt(num_classes / (num_classes - 1))
+            )
+            factors = PolarFactors(
+                saved[0], ctx.form, tuple(saved), ctx.guarded, ctx.bound, ctx.schedule
+            )
+            grad_unit = polar_factors_backward(factors, grad_frame, center=True)  # dL/dY
+            radial = (grad_unit * unit_average).sum()
+            grad_batch = (grad_unit - radial * unit_average) * (mix / average_norm)  # (d, K)
+            grad_mean = grad_mean - grad_batch.sum(dim=1)
+            grad_sums = grad_batch.transpose(0, 1) * inverse_counts.unsqueeze(1)
+            grad_sums = grad_sums + grad_mean * inverse_total  # every sample's share of dmu
+        else:
+            grad_sums = (grad_mean * inverse_total).expand(inverse_counts.shape[0], -1)
+        (grad_sums,) = all_reduce_sums(grad_sums.contiguous())
+        grad_h = grad_h + _rows_by_class(grad_sums.to(h.dtype), scatter)
+        # h = tau f / max(||f||, eps): the radial part of dh does not reach f (unclamped rows).
+        temperature = ctx.temperature
+        unclamped = (norms > NORM_EPS).to(h.dtype) / temperature**2
+        radial = (grad_h * h).sum(dim=1, keepdim=True) * unclamped
+        grad_features = (grad_h - radial * h) * (temperature / norms.clamp_min(NORM_EPS))
+        return (grad_features.to(ctx.input_dtype), *([None] * (16 + len(saved))))
+
+
+def _rows_by_class(class_rows: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+    """Row ``y_i`` of ``class_rows`` (K, d) for every sample: (B, d); zero for out-of-range
+    labels (the index K, or a zero one-hot row)."""
+    if scatter.dim() == 1:
+        return F.pad(class_rows, (0, 0, 0, 1)).index_select(0, scatter)
+    return scatter @ class_rows
 
 
 class ImplicitETFHead(_CentredETFHead):
@@ -595,7 +741,6 @@ class ImplicitETFHead(_CentredETFHead):
     frame: torch.Tensor
     class_mean_average: torch.Tensor
     classes_seen: torch.Tensor
-    class_index: torch.Tensor
 
     def __init__(
         self,
@@ -644,10 +789,6 @@ class ImplicitETFHead(_CentredETFHead):
         self.register_buffer("classes_seen", torch.empty(k, dtype=torch.bool, device=device))
         self.register_buffer("running_mean", torch.empty(d, **factory))
         self.register_buffer("num_steps", torch.empty((), dtype=torch.long, device=device))
-        # Derived constant (not state): the class indices the one-hot labels compare against.
-        self.register_buffer(
-            "class_index", torch.arange(k, device=device).unsqueeze(0), persistent=False
-        )
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -661,10 +802,6 @@ class ImplicitETFHead(_CentredETFHead):
             self.classes_seen.zero_()
             self.running_mean.zero_()
             self.num_steps.zero_()
-
-    def smoothing_factor(self, step: int) -> float:
-        """alpha_t = max(2/(t+1), alpha_floor) for the 1-based training step t."""
-        return max(2.0 / (step + 1), self.alpha_floor)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Validate a loaded frame once, with the tolerance of the dtype it was *saved* in (a
@@ -683,92 +820,99 @@ class ImplicitETFHead(_CentredETFHead):
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=self.training)
         self._check_state()
-        h, norms = _normalized(features, self.temperature)
+        h, norms = _normalized(features.detach() if self.training else features, self.temperature)
         if not self.training:
             return self._eval_logits(features, h, norms)
-        return self._training_step(features, h, norms, labels)
+        return self._training_step(features, h, norms, labels.to(h.device))
 
     def _training_step(
         self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        d, k = self.num_features, self.num_classes
+        """One step of the method (docs/heads.md), its sections in order; no autograd until the
+        logits, whose one backward (:class:`_ImplicitETFLogits`) differentiates them all."""
         compute = self.compute_dtype
         strict = self.strict(features.device)
-        labels = labels.to(h.device)
-        # Out-of-range labels match no class: a zero row, no index error, no device assert;
-        # so the one-hot counts also tell whether every label was in range.
-        onehot = (labels.unsqueeze(1) == self.class_index).to(h.dtype)  # (B, K)
-        sums, counts = self._batch_sums(h, onehot, labels)
-        in_range = counts.sum() == h.shape[0]
-        flags = torch.stack([~torch.isfinite(norms).all(), ~in_range]).to(compute)
-        # One all-reduce of [class sums | counts | error flags] (identity without a process
-        # group); the gradient of the sums flows back to every rank's features.
-        total = all_reduce_sum_with_grad(torch.cat([sums.flatten(), counts, flags]))
-        class_sums = total[: k * d].view(k, d)
-        counts = total[k * d : k * d + k].detach()
-        flags = total[k * d + k :].detach()
-        if strict:
-            _raise_value_errors(flags, k)  # every rank raises together
-            ok = None
-        else:
-            ok = ~(flags > 0).any()
-        present = counts > 0
-        global_mean = class_sums.sum(dim=0) / counts.sum().clamp_min(1.0)  # (d,)
-        class_means = class_sums / counts.clamp_min(1.0).unsqueeze(1)
-        batch_centred = ((class_means - global_mean) * present.unsqueeze(1)).T  # Ybar_batch (d, K)
-
-        # alpha_t = max(2/(t+1), floor) with t = num_steps + 1, on the device (no host read).
-        alpha = (2.0 / (self.num_steps + 2).to(compute)).clamp_min(self.alpha_floor)
-        previous = self.class_mean_average.to(compute)  # a buffer: no gradient
-        average = torch.where(present, alpha * batch_centred + (1 - alpha) * previous, previous)
-        norm = torch.linalg.matrix_norm(average)
-        # A zero average (e.g. one class in the first batch) stays 0: P is then the prox point.
-        target = average / torch.where(norm > 0, norm, torch.ones_like(norm))
-        if not self.ddn_grad:
-            target = target.detach()
-        if ok is not None:  # a rejected batch's NaN must not reach the solver (nor its fallback)
-            target = torch.where(ok, target, torch.zeros_like(target))
-        frame, converged = self._nearest_frame(target, strict)
-        if converged is not None:
-            ok = converged if ok is None else ok & converged
-        weight = etf_classifier(frame)  # (K, d) in the compute dtype
-        bias = -(weight @ global_mean)
-        logits = F.linear(h, weight.to(h.dtype), bias.to(h.dtype))
-
-        with torch.no_grad():  # commit the state (deferred: only if the batch was clean)
-            updates = (
-                ("running_mean", self._running_mean_update(global_mean)),
-                ("class_mean_average", average),
-                ("frame", frame),
-                ("weight", weight),
-                ("classes_seen", self.classes_seen | present),
-                ("num_steps", self.num_steps + 1),
+        with torch.no_grad():
+            # 1. Class statistics of the batch, summed over ranks; a bad batch is refused here.
+            stats = class_statistics(h, norms, labels, self.num_classes, compute)
+            ok = self._screen(stats.flags, strict)
+            total = stats.counts.sum()
+            inverse_total = total.clamp_min(1.0).reciprocal()
+            inverse_counts = stats.counts.clamp_min(1.0).reciprocal()
+            mean = stats.sums.sum(dim=0) * inverse_total  # mu_G (d,)
+            present = (stats.counts > 0).to(compute)
+            # Ybar_batch^T (K, d): mu_k - mu_G for the classes present, 0 for the others.
+            batch_centred = torch.addr(
+                stats.sums * inverse_counts.unsqueeze(1), present, mean, alpha=-1
             )
-            for name, value in updates:
-                self._commit(
-                    name, value if ok is None else torch.where(ok, value, getattr(self, name))
-                )
-            if not strict:
-                solver_failed = flags.new_zeros(1) if converged is None else ~converged
-                self._count_rejections(torch.cat([flags, solver_failed.reshape(1).to(compute)]))
-        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
-    def _nearest_frame(
-        self, target: torch.Tensor, strict: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(P, converged)`` for the unit-norm (or zero) ``target``; no validation (the frame is
-        this head's own output) and, with Newton-Schulz in deferred mode, no host read."""
-        route = resolve_solver(self.solver, target.device, self.delta, self.compute_dtype)
-        options = {
-            "compute_dtype": self.compute_dtype,
-            "result_dtype": self.frame.dtype,  # the Gram route's accuracy target
-            "feature_norm": 1.0,  # ||Y||_F <= 1: the Newton-Schulz schedule needs no read
-        }
-        frame, converged = _solve(target, self.frame, self.delta, route, **options)
-        if converged is not None and strict and not bool(converged):
-            # Strict mode may read the host: answer exactly with the SVD instead of rejecting.
-            frame, converged = _solve(target, self.frame, self.delta, "svd", **options)
-        return frame, None if strict else converged
+            # 2. Moving average: Ybar_t = Ybar_{t-1} + alpha_t (Ybar_batch - Ybar_{t-1}) for the
+            # classes present, with alpha_t = max(2/(t+1), floor) and t = num_steps + 1.
+            alpha = (2.0 / (self.num_steps + 2).to(compute)).clamp_min(self.alpha_floor)
+            mix = alpha * present  # (K,)
+            average = torch.lerp(
+                self.class_mean_average.to(compute), batch_centred.transpose(0, 1), mix
+            )
+            # Y = Ybar_t / ||Ybar_t||_F; a zero average (one class so far) stays 0: P = prox.
+            average_norm = torch.linalg.matrix_norm(average)
+            average_norm = average_norm + (average_norm == 0)
+            unit_average = average / average_norm
+            if ok is not None:  # a rejected batch's NaN must not reach the solver
+                unit_average = torch.where(ok, unit_average, 0.0)
+
+            # 3. The nearest simplex ETF, P = polar(Y M + (delta/c) P_prev), and W, b.
+            factors = solve_nearest_etf(
+                unit_average,
+                self.frame,
+                self.delta,
+                resolve_solver(self.solver, features.device, self.delta, compute),
+                compute_dtype=compute,
+                result_dtype=self.frame.dtype,  # the Gram route's accuracy target
+                feature_norm=1.0,  # ||Y||_F <= 1: Newton-Schulz needs no read of it
+                strict=strict,
+            )
+            if factors.converged is not None:
+                ok = factors.converged if ok is None else ok & factors.converged
+            weight = etf_classifier(factors.frame)  # (K, d) in the compute dtype
+
+        # 4. Logits W h - W mu_G, differentiable through every section above.
+        logits = _ImplicitETFLogits.apply(
+            features,
+            h,
+            norms,
+            weight,
+            mean,
+            unit_average,
+            average_norm,
+            mix if self.ddn_grad else mix.new_zeros(()),
+            inverse_counts,
+            inverse_total,
+            stats.scatter,
+            self.temperature,
+            self.ddn_grad,
+            factors.form,
+            factors.guarded,
+            factors.bound,
+            factors.schedule,
+            *factors.saved,
+        )
+
+        # 5. Commit the state (deferred: only if the batch was clean and the solve converged).
+        with torch.no_grad():
+            self._commit(
+                ok,
+                {
+                    "running_mean": self._running_mean_update(mean),
+                    "class_mean_average": average,
+                    "frame": factors.frame,
+                    "weight": weight,
+                    "classes_seen": self.classes_seen | (present > 0),
+                    "num_steps": self.num_steps + 1,
+                },
+            )
+            if ok is not None:
+                self._count(_reasons(stats.flags, factors.converged))
+        return logits if logits.dtype == features.dtype else logits.to(features.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from guided_nc._checks import check_validation
+from guided_nc._checks import check_number, check_validation
+from guided_nc._guards import committed, counted, drain, is_strict
 
-__all__ = ["AGD", "build_optimizer", "build_scheduler", "orthogonal_init_", "weight_scale"]
+__all__ = ["AGD", "agd", "build_optimizer", "build_scheduler", "orthogonal_init_", "weight_scale"]
 
 
 def weight_scale(shape: torch.Size | tuple[int, ...]) -> float:
@@ -38,6 +39,53 @@ def _slice_norms(tensor: torch.Tensor) -> torch.Tensor:
 def _describe(index: int, name: str | None, tensor: torch.Tensor) -> str:
     label = f"parameter {name!r}" if name is not None else f"parameter #{index}"
     return f"{label} with shape {tuple(tensor.shape)}"
+
+
+@torch.no_grad()
+def agd(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    step_sizes: list[float],
+    depth: int,
+    *,
+    strict: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AGD update of ``params`` in place (functional form; :class:`AGD` calls it, as
+    ``torch.optim.SGD`` calls ``sgd()``). Section 4 of the method::
+
+        n_l = per-slice Frobenius norms of g_l        s_l = weight_scale(W_l)
+        G   = (1/L) sum_l s_l sum(n_l)                eta = log((1 + sqrt(1 + 4 G)) / 2)
+        W_l <- W_l - step_size_l * eta * g_l / n_l    (0 where n_l = 0)
+
+    with ``step_size_l = lr * gain * s_l / L`` (``step_sizes``) and ``L = depth``.
+
+    Returns ``(eta, bad)``: eta (0-dim) and one flag per tensor, True where its gradient is not
+    finite. A step with a bad gradient moves no weight: ``strict`` reads the flags first (one
+    host read) and returns before any change; otherwise every update is multiplied in on the
+    device by the flag ``ok = ~bad.any()``, so nothing is read on the host.
+
+    Shape: params[l] and grads[l] alike, at least 2-D.
+    """
+    norms = [_slice_norms(grad) for grad in grads]  # NaN/Inf anywhere make these non-finite
+    device = norms[0].device
+    total = sum(
+        (weight_scale(param.shape) * norm.sum()).to(device)
+        for param, norm in zip(params, norms, strict=True)
+    )
+    bad = torch.stack([(~torch.isfinite(norm).all()).to(device) for norm in norms])
+    eta = torch.log((1 + torch.sqrt(1 + 4 * (total / depth))) / 2)
+    ok = None
+    if strict:
+        if bool(bad.any()):  # nothing has changed yet
+            return eta, bad
+    else:
+        ok = ~bad.any()
+    for param, grad, norm, step_size in zip(params, grads, norms, step_sizes, strict=True):
+        direction = torch.where(norm > 0, grad / norm, torch.zeros_like(grad))
+        update = direction * (step_size * eta.to(param.device, param.dtype))
+        # A refused step moves no weight (NaN * 0 would still be NaN, hence where).
+        param.sub_(committed(None if ok is None else ok.to(param.device), update, 0.0))
+    return eta, bad
 
 
 class AGD(torch.optim.Optimizer):
@@ -90,15 +138,19 @@ class AGD(torch.optim.Optimizer):
         self, params: Iterable, gain: float = 10.0, lr: float = 1.0, validation: str = "auto"
     ) -> None:
         for name, value in (("gain", gain), ("lr", lr)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}={value} must be a finite number >= 0")
+            check_number(
+                name,
+                value,
+                minimum=0,
+                exclusive_minimum=True,
+                hint=f"the default is {10.0 if name == 'gain' else 1.0}",
+            )
         self.validation = check_validation(validation)
         self.last_eta: torch.Tensor | None = None
         self._num_checked = 0
-        # Deferred refusals: steps refused and, per tensor (in parameter order), how often its
-        # gradient was the non-finite one. Device tensors, read only by check().
-        self._refused_steps: torch.Tensor | None = None
-        self._refused_tensors: torch.Tensor | None = None
+        # Deferred refusals: [steps refused, then per tensor (in parameter order) how often its
+        # gradient was the non-finite one]. A device tensor, read only by check().
+        self._refused: torch.Tensor | None = None
         super().__init__(params, {"gain": gain, "lr": lr})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -126,11 +178,7 @@ class AGD(torch.optim.Optimizer):
 
     def strict(self, device: torch.device) -> bool:
         """Whether a step whose gradients live on ``device`` raises at once (see the class)."""
-        if torch.compiler.is_compiling():
-            return False
-        if self.validation == "auto":
-            return device.type == "cpu"
-        return self.validation == "strict"
+        return is_strict(self.validation, device)
 
     def _names(self) -> list[tuple[int, str | None, torch.Tensor]]:
         """(global index, name or None, tensor) of every parameter, in order."""
@@ -149,61 +197,40 @@ class AGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         depth = self.num_tensors
-        entries = []  # (param, gradient, slice norms, scale, group)
-        indices, flags = [], []  # which tensors have gradients, and whether those are finite
-        total = None
-        positions = ((group, param) for group in self.param_groups for param in group["params"])
-        for index, (group, param) in enumerate(positions):
-            if param.grad is None:
-                continue
-            grad = param.grad
-            norms = _slice_norms(grad)  # NaN/Inf anywhere in the gradient make these non-finite
-            scale = weight_scale(param.shape)
-            contribution = scale * norms.sum()
-            total = contribution if total is None else total + contribution.to(total.device)
-            entries.append((param, grad, norms, scale, group))
-            indices.append(index)
-            flags.append(~torch.isfinite(norms).all())
-        if total is None:
-            return loss
-        bad = torch.stack([flag.to(total.device) for flag in flags])
-        ok = None
-        if self.strict(total.device):
-            if bool(bad.any()):  # one host read; nothing has changed yet
-                self._raise_refused(bad.tolist(), indices)
-        else:
-            ok = ~bad.any()
-            # One flag per tensor (False where there is no gradient), built on the device: no
-            # host-to-device copy of the index list.
-            unflagged = torch.zeros((), dtype=torch.bool, device=total.device)
-            slots = dict(zip(indices, bad.unbind(), strict=True))
-            bad = torch.stack([slots.get(index, unflagged) for index in range(depth)])
-        gradient_summary = total / depth  # G
-        eta = torch.log((1 + torch.sqrt(1 + 4 * gradient_summary)) / 2)
-        for param, grad, norms, scale, group in entries:
-            direction = torch.where(norms > 0, grad / norms, torch.zeros_like(grad))
-            step_size = group["lr"] * group["gain"] * scale / depth
-            update = direction * (step_size * eta.to(param.device, param.dtype))
-            if ok is not None:  # a refused step moves no weight (NaN * 0 would still be NaN)
-                update = torch.where(ok.to(param.device), update, torch.zeros_like(update))
-            param.sub_(update)
-        if ok is None:
-            self.last_eta = eta.detach()
-        else:
-            previous = (
-                self.last_eta if self.last_eta is not None else torch.full_like(eta, math.nan)
+        positions = [
+            (index, group, param)
+            for index, (group, param) in enumerate(
+                (group, param) for group in self.param_groups for param in group["params"]
             )
-            self.last_eta = torch.where(ok, eta, previous.to(eta.device)).detach()
-            self._count_refused(ok, bad)
+            if param.grad is not None
+        ]
+        if not positions:
+            return loss
+        indices = [index for index, _, _ in positions]
+        params = [param for _, _, param in positions]
+        step_sizes = [
+            group["lr"] * group["gain"] * weight_scale(param.shape) / depth
+            for _, group, param in positions
+        ]
+        strict = self.strict(params[0].grad.device)
+        eta, bad = agd(params, [p.grad for p in params], step_sizes, depth, strict=strict)
+        if strict:
+            if bool(bad.any()):  # agd() changed nothing
+                self._raise_refused(bad.tolist(), indices)
+            self.last_eta = eta
+            return loss
+        ok = ~bad.any()
+        previous = self.last_eta if self.last_eta is not None else torch.full_like(eta, math.nan)
+        self.last_eta = committed(ok, eta, previous.to(eta.device))
+        # [refused step, then one flag per tensor (False where there is no gradient)], built on
+        # the device: no host-to-device copy of the index list.
+        unflagged = torch.zeros((), dtype=torch.bool, device=eta.device)
+        slots = dict(zip(indices, bad.unbind(), strict=True))
+        flags = torch.stack([~ok, *(slots.get(index, unflagged) for index in range(depth))])
+        if self._refused is None or self._refused.device != flags.device:
+            self._refused = torch.zeros(depth + 1, dtype=torch.long, device=flags.device)
+        self._refused = counted(self._refused, flags)
         return loss
-
-    def _count_refused(self, ok: torch.Tensor, bad: torch.Tensor) -> None:
-        """Add a refused step (``~ok``) and its per-tensor flags ``bad`` (L,) to the counters."""
-        if self._refused_steps is None or self._refused_steps.device != ok.device:
-            self._refused_steps = torch.zeros((), dtype=torch.long, device=ok.device)
-            self._refused_tensors = torch.zeros_like(bad, dtype=torch.long)
-        self._refused_steps += (~ok).long()
-        self._refused_tensors += bad.long()
 
     def _raise_refused(self, bad: list, indices: list[int], steps: int = 1) -> None:
         described = {index: (name, param) for index, name, param in self._names()}
@@ -223,16 +250,12 @@ class AGD(torch.optim.Optimizer):
 
         One host read; the counters are reset before raising. :meth:`state_dict` calls it.
         """
-        if self._refused_steps is None:
+        counts = [] if self._refused is None else drain(self._refused)
+        if not counts:
             return
-        steps = int(self._refused_steps)
-        if not steps:
-            return
-        counts = self._refused_tensors.tolist()
-        self._refused_steps.zero_()
-        self._refused_tensors.zero_()
-        indices = list(range(len(counts)))
-        self._raise_refused([count > 0 for count in counts], indices, steps)
+        steps, per_tensor = counts[0], counts[1:]
+        flags = [count > 0 for count in per_tensor]
+        self._raise_refused(flags, list(range(len(per_tensor))), steps)
 
     def state_dict(self) -> dict:
         self.check()  # a checkpoint is a host read: report deferred refusals first
@@ -297,19 +320,6 @@ def _kernel_positions(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
     return positions
 
 
-def _check_number(name: str, value: float, *, positive: bool) -> float:
-    """A finite number, > 0 (``positive``) or >= 0; the error names the argument and the fix."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(
-            f"{name}={value} must be a finite number {bound}; pass e.g. the default "
-            f"(build_optimizer(name, params) without {name})"
-        )
-    return float(value)
-
-
 OPTIMIZERS = ("agd", "sgd", "adam", "adamw")
 DEFAULT_LR = {"agd": 1.0, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"agd": 0.0, "sgd": 0.0, "adam": 0.0, "adamw": 0.01}
@@ -339,11 +349,13 @@ def build_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name={name!r} is not supported; use one of {OPTIMIZERS}")
-    lr = _check_number("lr", DEFAULT_LR[name] if lr is None else lr, positive=True)
+    hint = "pass e.g. the default (build_optimizer(name, params) without it)"
+    positive = {"minimum": 0, "exclusive_minimum": True, "hint": hint}
+    lr = check_number("lr", DEFAULT_LR[name] if lr is None else lr, **positive)
     weight_decay = DEFAULT_WEIGHT_DECAY[name] if weight_decay is None else weight_decay
-    weight_decay = _check_number("weight_decay", weight_decay, positive=False)
-    momentum = _check_number("momentum", momentum, positive=False)
-    gain = _check_number("gain", gain, positive=True)
+    weight_decay = check_number("weight_decay", weight_decay, minimum=0, hint=hint)
+    momentum = check_number("momentum", momentum, minimum=0, hint=hint)
+    gain = check_number("gain", gain, **positive)
     if name == "agd":
         if weight_decay != 0:
             raise ValueError(

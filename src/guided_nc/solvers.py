@@ -24,10 +24,9 @@ from guided_nc._checks import (
     check_max_iterations,
     check_stiefel,
 )
-from guided_nc.etf import polar_backward, register_solver
+from guided_nc.etf import register_solver
 
 __all__ = [
-    "TrustRegionPolarFactor",
     "dense_ddn_backward",
     "dense_ddn_bytes",
     "trust_region_nearest_etf",
@@ -144,49 +143,15 @@ def _run_trust_regions(
     return frame, info
 
 
-class TrustRegionPolarFactor(torch.autograd.Function):
-    """The nearest-ETF point found by pymanopt's trust regions, with the closed-form backward.
-
-    Forward: :func:`_run_trust_regions` (the paper's solver) from ``prox``. Backward:
-    :func:`guided_nc.etf.polar_backward` at the returned point P with
-    ``B = sym(P^T A) = V diag(s) V^T`` and ``U = P V``, which is exactly the paper's
-    Proposition-1 gradient at that point (equal to the closed form's at convergence).
-    Gradient flows to ``target`` (A) only.
-
-    Shape: target, features, prox (d, K) float64 -> P (d, K) float64.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        target: torch.Tensor,
-        features: torch.Tensor,
-        prox: torch.Tensor,
-        delta: float,
-        max_iterations: int,
-    ) -> torch.Tensor:
-        frame, _ = _run_trust_regions(features, prox, delta, max_iterations)
-        frame = frame.to(dtype=target.dtype, device=target.device)
-        gram = frame.transpose(-2, -1) @ target
-        s, v = torch.linalg.eigh(0.5 * (gram + gram.transpose(-2, -1)))  # B = sym(P^T A)
-        ctx.save_for_backward(frame @ v, s, v)  # U = P V
-        return frame
-
-    @staticmethod
-    def backward(ctx, grad_frame: torch.Tensor):
-        u, s, v = ctx.saved_tensors
-        return polar_backward(u, s, v, grad_frame), None, None, None, None
-
-
 def _trust_region_route(
-    target: torch.Tensor,
-    features: torch.Tensor,
-    prox: torch.Tensor,
-    delta: float,
-    max_iterations: int,
+    features: torch.Tensor, prox: torch.Tensor, delta: float, max_iterations: int
 ) -> torch.Tensor:
-    """``nearest_etf(..., solver="trust-regions")``: inputs already validated there."""
-    return TrustRegionPolarFactor.apply(target, features, prox, delta, max_iterations)
+    """``nearest_etf(..., solver="trust-regions")``: the Stiefel point P found by the paper's
+    solver from ``prox`` (inputs validated there). :mod:`guided_nc.etf` differentiates it with
+    the implicit-function (Proposition-1) gradient at P, ``B = sym(P^T A) = V diag(s) V^T`` and
+    ``U = P V``, equal to the closed form's at convergence."""
+    frame, _ = _run_trust_regions(features, prox, delta, max_iterations)
+    return frame
 
 
 register_solver("trust-regions", _trust_region_route)
