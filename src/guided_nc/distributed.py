@@ -62,7 +62,7 @@ def all_reduce_sums(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     of the same shapes (the inputs themselves, untouched, without a process group)."""
     if not is_distributed():
         return tensors
-    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])  # a copy: inputs untouched
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     sizes = [tensor.numel() for tensor in tensors]
     pieces = flat.split(sizes)

@@ -740,7 +740,9 @@ def nearest_etf_target(
             if prox is None:
                 target.diagonal().add_(delta / scale)
             else:
-                target.add_(prox.to(target.device), alpha=delta / scale)
+                if prox.device != target.device:
+                    prox = prox.to(target.device)
+                target.add_(prox, alpha=delta / scale)
         return target
 
 

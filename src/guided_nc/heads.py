@@ -389,14 +389,15 @@ class _CentredETFHead(_Head):
         (no bias towards the zero initialisation); later steps use the momentum, or a cumulative
         average when ``running_mean_momentum`` is None (as in batch norm). On the device: the
         step count is never read on the host."""
-        old = self.running_mean.to(batch_mean.dtype)
         batch_mean = batch_mean.detach()
-        first = self.num_steps == 0
+        old = self.running_mean
+        if old.dtype != batch_mean.dtype:
+            old = old.to(batch_mean.dtype)
         if self.running_mean_momentum is None:
             weight = 1.0 / (self.num_steps + 1).to(batch_mean.dtype)
         else:
             weight = float(self.running_mean_momentum)
-        return torch.where(first, batch_mean, old + weight * (batch_mean - old))
+        return torch.where(self.num_steps == 0, batch_mean, torch.lerp(old, batch_mean, weight))
 
     def _eval_logits(
         self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor
@@ -609,9 +610,8 @@ class _ImplicitETFLogits(torch.autograd.Function):
         schedule: tuple,
         *saved,
     ):
-        weight_h = weight.to(h.dtype)
-        mean_h = mean.to(h.dtype)
-        logits = torch.addmm(-(weight_h @ mean_h), h, weight_h.transpose(0, 1))
+        weight_h, mean_h = weight.to(h.dtype), mean.to(h.dtype)  # no copies when h is float64
+        logits = torch.addmm(weight_h @ mean_h, h, weight_h.transpose(0, 1), beta=-1)
         ctx.save_for_backward(
             h,
             norms,
@@ -645,7 +645,8 @@ class _ImplicitETFLogits(torch.autograd.Function):
             *saved,
         ) = ctx.saved_tensors
         compute = unit_average.dtype
-        grad_logits = grad_logits.to(h.dtype)
+        if grad_logits.dtype != h.dtype:
+            grad_logits = grad_logits.to(h.dtype)
         column_sums = grad_logits.sum(dim=0)  # sum_i Gz_i (K,)
         grad_h = grad_logits @ weight  # W^T Gz_i, through the logits
         grad_mean = -(column_sums @ weight).to(compute)  # through b = -W mu
@@ -668,14 +669,16 @@ class _ImplicitETFLogits(torch.autograd.Function):
             grad_sums = grad_sums + grad_mean * inverse_total  # every sample's share of dmu
         else:
             grad_sums = (grad_mean * inverse_total).expand(inverse_counts.shape[0], -1)
-        (grad_sums,) = all_reduce_sums(grad_sums.contiguous())
+        (grad_sums,) = all_reduce_sums(grad_sums)
         grad_h = grad_h + _rows_by_class(grad_sums.to(h.dtype), scatter)
         # h = tau f / max(||f||, eps): the radial part of dh does not reach f (unclamped rows).
         temperature = ctx.temperature
         unclamped = (norms > NORM_EPS).to(h.dtype) / temperature**2
         radial = (grad_h * h).sum(dim=1, keepdim=True) * unclamped
         grad_features = (grad_h - radial * h) * (temperature / norms.clamp_min(NORM_EPS))
-        return (grad_features.to(ctx.input_dtype), *([None] * (16 + len(saved))))
+        if grad_features.dtype != ctx.input_dtype:
+            grad_features = grad_features.to(ctx.input_dtype)
+        return (grad_features, *([None] * (16 + len(saved))))
 
 
 def _rows_by_class(class_rows: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
@@ -820,20 +823,20 @@ class ImplicitETFHead(_CentredETFHead):
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=self.training)
         self._check_state()
-        h, norms = _normalized(features.detach() if self.training else features, self.temperature)
         if not self.training:
-            return self._eval_logits(features, h, norms)
-        return self._training_step(features, h, norms, labels.to(h.device))
+            return self._eval_logits(features, *_normalized(features, self.temperature))
+        if labels.device != features.device:
+            labels = labels.to(features.device)
+        return self._training_step(features, labels)
 
-    def _training_step(
-        self, features: torch.Tensor, h: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+    def _training_step(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One step of the method (docs/heads.md), its sections in order; no autograd until the
         logits, whose one backward (:class:`_ImplicitETFLogits`) differentiates them all."""
         compute = self.compute_dtype
         strict = self.strict(features.device)
         with torch.no_grad():
             # 1. Class statistics of the batch, summed over ranks; a bad batch is refused here.
+            h, norms = _normalized(features, self.temperature)
             stats = class_statistics(h, norms, labels, self.num_classes, compute)
             ok = self._screen(stats.flags, strict)
             total = stats.counts.sum()
