@@ -272,7 +272,7 @@ def test_the_packaging_files_agree():
     import guided_nc
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["license"]["text"] == "MIT"
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     citation = (ROOT / "CITATION.cff").read_text()
     assert "preferred-citation:" in citation
