@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from guided_nc._version import __version__
+from guided_nc.catalog import DownloadFailed, MissingPackage
 from guided_nc.runfiles import DiskError, RunFolderLocked
 
 #: Benchmarks of ``guided-nc bench``: (module, help).
@@ -39,7 +40,7 @@ DEMO_EVAL_INTERVAL = 100
 DEMO_THREADS = 1
 
 #: Errors that are the user's to fix: one line, no traceback (a bad value, a missing or
-#: unreadable file, a folder in use, a full disk).
+#: unreadable file, a folder in use, a full disk, a missing optional package, a failed download).
 USER_ERRORS = (
     ValueError,
     TypeError,
@@ -48,12 +49,25 @@ USER_ERRORS = (
     PermissionError,
     RunFolderLocked,
     DiskError,
+    MissingPackage,
+    DownloadFailed,
 )
+
+#: Where the documents that the help texts name are, for a user who installed with pip.
+DOCS_WHERE = "in the repository and the sdist"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, ``guided-nc <command>: error: ...`` (exit 2), like the
+    other user errors; the usage is one ``--help`` away (subcommands use this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="guided-nc",
         description="Guiding neural collapse towards the nearest simplex ETF: experiments, "
         "training, comparisons and benchmarks.",
@@ -144,7 +158,8 @@ def _add_ufm(subparsers) -> None:
         "ufm",
         help="unconstrained-feature-model experiments (paper section 4, Figs. 2-3)",
         description="Train free features with the standard, fixed-ETF and implicit-ETF heads "
-        "and write metrics.csv, summary.json, figures and report.md. See docs/ufm.md.",
+        f"and write metrics.csv, summary.json, figures and report.md. See docs/ufm.md "
+        f"({DOCS_WHERE}).",
     )
     parser.add_argument(
         "--preset",
@@ -278,39 +293,58 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 def _add_train(subparsers) -> None:
     from guided_nc.config import TrainConfig, add_config_arguments
+    from guided_nc.methods import METHOD_VARIANTS
 
     parser = subparsers.add_parser(
         "train",
         help="train a real network with a standard, fixed-ETF or implicit-ETF head",
-        description="Train one real network (see docs/training.md); every flag is a field of "
-        "guided_nc.config.TrainConfig.",
+        description=f"Train one real network (see docs/training.md, {DOCS_WHERE}); every flag "
+        "is a field of guided_nc.config.TrainConfig, except that --method also takes the "
+        "variants that compare runs.",
     )
-    add_config_arguments(parser, TrainConfig)
+    add_config_arguments(parser, TrainConfig, exclude=("method",))
+    parser.add_argument(
+        "--method",
+        default=TrainConfig.method,
+        metavar="{" + ",".join(METHOD_VARIANTS) + "}",
+        help="classifier head, or a variant of one (implicit-no-ddn = implicit --no-ddn-grad, "
+        f"fixed-haar = fixed --rotation haar) (default: {TrainConfig.method})",
+    )
     parser.set_defaults(func=_train_command)
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from guided_nc.config import TrainConfig
+    from guided_nc.compare import method_config
+    from guided_nc.config import TrainConfig, config_from_namespace
+    from guided_nc.methods import method_variant
+    from guided_nc.runfiles import read_long_csv
     from guided_nc.train import fit
 
-    out = fit(TrainConfig.from_namespace(args))
+    head = method_variant(args.method).head
+    out = fit(method_config(config_from_namespace(TrainConfig, args, method=head), args.method))
     if _is_rank_zero():
+        final = read_long_csv(out / "metrics.csv")[-1]
+        print(
+            f"epoch {final['epoch']}: train top-1 {final['train_acc1']:.2f} %, "
+            f"test top-1 {final['test_acc1']:.2f} %"
+        )
         print(f"run folder: {out}")
     return 0
 
 
 def _add_compare(subparsers) -> None:
-    from guided_nc.config import TrainConfig, add_config_arguments, int_at_least
+    from guided_nc.config import TrainConfig, add_config_arguments, int_at_least, methods_argument
     from guided_nc.methods import METHOD_VARIANTS, METHODS
 
     parser = subparsers.add_parser(
         "compare",
         help="train methods x seeds (skipping finished runs) and write tables and figures",
-        description="Multi-seed comparison of the heads (see docs/training.md): runs write "
-        "files, the report reads them.",
+        description=f"Multi-seed comparison of the heads (see docs/training.md, {DOCS_WHERE}): "
+        "runs write files, the report reads them.",
     )
     parser.add_argument(
         "--methods",
+        type=methods_argument,
         default=",".join(METHODS),
         help=f"comma-separated methods from {','.join(METHOD_VARIANTS)} (default: "
         f"{','.join(METHODS)})",
@@ -345,12 +379,11 @@ def _compare_command(args: argparse.Namespace) -> int:
 
     table_epochs = parse_int_list(args.table_epochs, "table_epochs") if args.table_epochs else None
     if not args.report_only:
-        methods = tuple(m for m in args.methods.split(",") if m)
         fields = {key: value for key, value in vars(args).items() if key != "out"}
         base = config_from_namespace(TrainConfig, argparse.Namespace(**fields))
         run_comparison(
             base,
-            methods=methods,
+            methods=args.methods,
             seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
             out=args.out,
             timing_repeats=args.timing_repeats,

@@ -24,7 +24,7 @@ import torch
 
 from guided_nc import distributed
 from guided_nc.config import TrainConfig
-from guided_nc.methods import METHOD_VARIANTS, METHODS, TIMED_METHODS
+from guided_nc.methods import METHOD_VARIANTS, METHODS, TIMED_METHODS, method_variant
 from guided_nc.runfiles import atomic_write_json, read_done, run_folder
 from guided_nc.runtime import resolve_device
 from guided_nc.timing import measure_heads as time_heads
@@ -100,14 +100,15 @@ def run_comparison(
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
     """``base`` for one method: its head, and the variant's options (or ``base``'s DDN switch
-    for the implicit head; the defaults for the options the head does not have)."""
-    variant = METHOD_VARIANTS[method]
+    for the implicit head and ``base``'s rotation for the fixed head; the defaults for the
+    options the head does not have). ``guided-nc train --method`` and ``compare`` both use it."""
+    variant = method_variant(method)
     options = variant.head_options()
     return dataclasses.replace(
         base,
         method=variant.head,
         ddn_grad=options.get("ddn_grad", base.ddn_grad) if variant.head == "implicit" else True,
-        rotation=options.get("rotation", "canonical"),
+        rotation=options.get("rotation", base.rotation if variant.head == "fixed" else "canonical"),
     )
 
 

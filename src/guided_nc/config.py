@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from guided_nc._checks import check_number
-from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES
+from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES, unknown_name
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
 from guided_nc.optim import OPTIMIZERS, SCHEDULES
 from guided_nc.runfiles import atomic_write_json, environment_info, read_json
@@ -225,9 +225,7 @@ class TrainConfig:
             choices = item.metadata.get("choices")
             value = getattr(self, item.name)
             if choices is not None and value not in (*choices, *item.metadata.get("also", ())):
-                raise ValueError(
-                    f"{item.name}={value!r} is not one of {list(choices)}; pick one of those"
-                )
+                raise ValueError(unknown_name(item.name, value, choices))
         object.__setattr__(self, "eval_epochs", parse_int_list(self.eval_epochs))
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -393,6 +391,8 @@ def add_config_arguments(
             kwargs["type"] = options[0]
         if "choices" in item.metadata:
             kwargs["choices"] = item.metadata["choices"]
+            if "type" not in item.metadata:
+                kwargs["type"] = choice_of(item.name, item.metadata["choices"])
         if "metavar" in item.metadata:
             kwargs["metavar"] = item.metadata["metavar"]
         shown = ",".join(default) if isinstance(default, tuple) and default else default
@@ -425,7 +425,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _methods_argument(text: str) -> tuple[str, ...]:
+def choice_of(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse ``type``: one of ``choices``, else an error that names the closest ones
+    (:func:`guided_nc.catalog.unknown_name`); argparse's own check of ``choices`` then passes."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(unknown_name(name, text, choices))
+        return text
+
+    return parse
+
+
+def methods_argument(text: str) -> tuple[str, ...]:
+    """An argparse ``type``: comma-separated method names (:func:`parse_methods`)."""
     try:
         return parse_methods(text)
     except ValueError as error:
@@ -519,7 +532,7 @@ class UFMConfig:
     methods: tuple[str, ...] = field(
         default=METHODS,
         metadata={
-            "type": _methods_argument,
+            "type": methods_argument,
             "help": f"comma-separated subset of {','.join(METHOD_VARIANTS)}",
             "metavar": "M1,M2,...",
         },

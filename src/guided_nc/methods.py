@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from guided_nc.catalog import did_you_mean, unknown_name
+
 __all__ = [
     "HEAD_NAMES",
     "METHODS",
@@ -25,6 +27,7 @@ __all__ = [
     "Method",
     "method_color",
     "method_label",
+    "method_variant",
     "parse_methods",
 ]
 
@@ -93,6 +96,21 @@ def method_color(name: str) -> str | None:
     return None if method is None else method.color
 
 
+def method_variant(name: str) -> Method:
+    """The :class:`Method` called ``name``; ValueError naming the closest valid names if none.
+
+    >>> method_variant("implicit-no-ddn").head
+    'implicit'
+    """
+    if name not in METHOD_VARIANTS:
+        raise ValueError(unknown_name("method", name, METHOD_VARIANTS, _ALIASES))
+    return METHOD_VARIANTS[name]
+
+
+#: The paper's names of the three heads ("Fixed ETF"), so that "etf" points at both ETF heads.
+_ALIASES = {METHOD_VARIANTS[name].label: name for name in HEAD_NAMES}
+
+
 def parse_methods(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"standard,implicit"`` (or a sequence) -> a tuple of known, distinct method names.
 
@@ -102,9 +120,14 @@ def parse_methods(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     names = tuple(item.strip() for item in items if item.strip())
     unknown = [name for name in names if name not in METHOD_VARIANTS]
     if unknown or not names:
+        hints = "".join(
+            f" ({name!r}: {hint})"
+            for name in unknown
+            if (hint := did_you_mean(name, METHOD_VARIANTS, _ALIASES))
+        )
         raise ValueError(
-            f"methods={','.join(names)!r} contains unknown {unknown}; use a comma-separated "
-            f"subset of {','.join(METHOD_VARIANTS)}"
+            f"methods={','.join(names)!r} contains unknown {unknown}{hints}; use a "
+            f"comma-separated subset of {','.join(METHOD_VARIANTS)}"
         )
     if len(set(names)) != len(names):
         raise ValueError(f"methods={','.join(names)!r} lists a method twice")

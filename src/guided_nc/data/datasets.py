@@ -13,6 +13,7 @@ import gzip
 import os
 import pickle
 import random
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 import torchvision
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from guided_nc.catalog import DATASET_NAMES
+from guided_nc.catalog import DATA_EXTRA_INSTALL, DATASET_NAMES, DownloadFailed, MissingPackage
 from guided_nc.data.imbalance import (
     LABEL_NOISE_MODES,
     LONG_TAIL_PROFILES,
@@ -425,6 +426,33 @@ def _download_hint(dataset: str, root: Path, extra: str = "") -> str:
     )
 
 
+def _download(dataset: str, root: Path, torchvision_class: type, **options: object) -> None:
+    """Let torchvision download ``dataset`` into ``root``.
+
+    On failure (no network, a host that refuses, a corrupt file) remove what the attempt
+    created, the folders included, and raise :class:`~guided_nc.catalog.DownloadFailed`: one
+    line naming the dataset, the address that could not be reached and the offline ways.
+    """
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        torchvision_class(str(root), download=True, **options)
+    except (OSError, RuntimeError) as error:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        else:
+            for path in set(root.iterdir()) - before:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        url = getattr(torchvision_class, "url", None) or torchvision_class.mirrors[0]
+        reason = " ".join(str(getattr(error, "reason", error)).split())
+        raise DownloadFailed(
+            f"dataset {dataset!r}: could not download {url} ({reason}); without a network, "
+            f"put its files in {root} (layout in docs/data.md) and drop --download, or train "
+            "on an offline dataset: --dataset fashion-mnist (apt-get install "
+            f"dataset-fashion-mnist), digits or mnist1d ({DATA_EXTRA_INSTALL})"
+        ) from error
+
+
 # --------------------------------------------------------------------------------------------
 # MNIST family (idx files, optionally gzip-compressed)
 
@@ -476,7 +504,7 @@ def _load_mnist_family(name: str, root: Path, download: bool) -> _InMemory:
         candidates.append(SYSTEM_FASHION_MNIST)
     files = _find_idx_folder(candidates)
     if files is None and download:
-        torchvision_class(str(root), train=True, download=True)
+        _download(name, root, torchvision_class, train=True)
         files = _find_idx_folder(candidates)
     if files is None:
         extra = (
@@ -528,7 +556,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> _InMemory:
         return [f for f in train_files + test_files if not (folder / f).is_file()]
 
     if missing() and download:
-        torchvision_class(str(root), train=True, download=True)
+        _download(name, root, torchvision_class, train=True)
     if missing():
         raise _missing(
             name,
@@ -564,7 +592,7 @@ def _load_stl10(root: Path, download: bool) -> _InMemory:
     folder = root / "stl10_binary"
     files = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
     if download and not all((folder / f).is_file() for f in files):
-        torchvision.datasets.STL10(str(root), split="train", download=True)
+        _download("stl10", root, torchvision.datasets.STL10, split="train")
     if not all((folder / f).is_file() for f in files):
         raise _missing(
             "stl10",
@@ -598,6 +626,10 @@ def _load_stl10(root: Path, download: bool) -> _InMemory:
 # Offline datasets: scikit-learn digits and MNIST-1D
 
 
+#: The pip names of the optional packages, by import name.
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "mnist1d": "mnist1d"}
+
+
 def _optional(module: str, dataset: str):
     """Import an optional dependency of a dataset, or say which extra installs it."""
     import importlib
@@ -606,9 +638,9 @@ def _optional(module: str, dataset: str):
         return importlib.import_module(module)
     except ImportError as error:
         package = module.split(".")[0]
-        raise ModuleNotFoundError(
-            f"dataset {dataset!r} needs the optional package {package!r}, which is not "
-            f'installed; pip install "guided-nc[data]" (or pip install {package})'
+        raise MissingPackage(
+            f"dataset {dataset!r} needs the optional package {_DISTRIBUTIONS[package]!r} "
+            f"(import {package}), which is not installed; {DATA_EXTRA_INSTALL}"
         ) from error
 
 
