@@ -250,7 +250,7 @@ def test_a_report_says_which_epochs_each_run_has(tmp_path, capsys):
     ("overrides", "message"),
     [
         ({"optimizer": "sgd", "lr": float("nan")}, "lr=nan must be a finite number"),
-        ({"optimizer": "sgd", "lr": 0.0}, r"lr=0.0 is out of range: need 0 < lr"),
+        ({"optimizer": "sgd", "lr": 0.0}, r"lr=0.0 must be a finite number > 0"),
         ({"gain": float("inf")}, "gain=inf must be a finite number"),
         ({"optimizer": "sgd", "momentum": 1.5}, r"momentum=1.5 is out of range"),
         ({"optimizer": "sgd", "weight_decay": -1e-4}, r"weight_decay=-0.0001 is out of range"),
@@ -267,7 +267,7 @@ def test_bad_hyperparameters_are_refused_before_training(tmp_path, overrides, me
 def test_lr_nan_on_the_command_line_is_one_line(tmp_path, capsys):
     code = main(["train", *_flags(tmp_path / "x", optimizer="sgd"), "--lr", "nan"])
     err = capsys.readouterr().err
-    expected = "guided-nc train: error: lr=nan must be a finite number; pass a real value"
+    expected = "guided-nc train: error: lr=nan must be a finite number > 0"
     assert code == 2 and err.strip() == expected
     assert not (tmp_path / "x").exists()
 

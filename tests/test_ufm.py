@@ -317,7 +317,7 @@ def test_ufm_command_reports_bad_config(tmp_path, capsys):
         ({"iterations": 0}, "iterations=0 must be an integer >= 1"),
         ({"batch_size": 25}, "batch_size=25 exceeds N=24"),
         ({"schedule": "step"}, "schedule='step' is not supported"),
-        ({"temperature": 0.0}, r"temperature=0.0 is out of range: need 0 < temperature"),
+        ({"temperature": 0.0}, r"temperature=0.0 must be a finite number > 0"),
     ],
 )
 def test_config_errors(kwargs, message):
