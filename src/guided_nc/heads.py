@@ -536,36 +536,37 @@ def class_statistics(
 ) -> ClassStatistics:
     """Class sums and counts of a batch of normalised features, summed over ranks.
 
-    Reduced in the features' own dtype (at least float32), without a float64 copy of the
-    (B, d) batch: ``sum(h - r) + n r`` with ``r = h[0]`` (every rank its own; the ``n r`` term
-    is added back in the compute dtype before the all-reduce). The shift keeps the float32 sums
-    accurate where the class means nearly coincide (early training: class offsets 1e-4 of tau
-    gave 1.7e-3 relative error on Ybar unshifted, 1.9e-6 shifted). On accelerators the sums are
-    one one-hot product, deterministic unlike ``index_add`` (atomics there), with out-of-range
-    labels giving a zero row instead of an error; on the CPU, where ``index_add`` is sequential
-    and deterministic, they are an O(Bd) ``index_add`` (the one-hot product costs 2BKd flops,
-    which a CPU feels at large K). The features are judged through their row norms: a NaN or
-    Inf entry makes its row's norm NaN or Inf.
+    The sums are reduced in the compute dtype. With float64 compute (the default) the batch is
+    read in float64; with float32 compute it is shifted first, ``sum(h - r) + n r`` with
+    ``r = h[0]``, which keeps the float32 sums accurate where the class means nearly coincide
+    (early training: class offsets 1e-4 of tau gave 1.7e-3 relative error on Ybar unshifted,
+    1.9e-6 shifted). On accelerators the sums are one one-hot product, deterministic unlike
+    ``index_add`` (atomics there), with out-of-range labels giving a zero row instead of an
+    error; on the CPU, where ``index_add`` is sequential and deterministic, they are an O(Bd)
+    ``index_add`` (the one-hot product costs 2BKd flops, which a CPU feels at large K), with
+    out-of-range labels sent to an extra row K that is dropped. No operation synchronises with
+    the host. The features are judged through their row norms: a NaN or Inf entry makes its
+    row's norm NaN or Inf.
 
     Shape: h (B, d), norms (B, 1), labels (B,) int -> :class:`ClassStatistics`.
     """
-    reference = h[0]
-    shifted = h - reference
+    k = num_classes
+    reference = h[0] if compute_dtype == torch.float32 else None
+    source = h.to(compute_dtype) if reference is None else h - reference
     if h.device.type == "cpu":
-        out_of_range = (labels < 0) | (labels >= num_classes)
-        scatter = labels.masked_fill(out_of_range, num_classes)  # row K: dropped
-        sums = shifted.new_zeros(num_classes + 1, h.shape[1]).index_add_(0, scatter, shifted)
-        # Counts by index_add too: bincount synchronises on CUDA, and the deferred step is
-        # tested on the CPU with every synchronising op made to raise.
-        counts = h.new_zeros(num_classes + 1).index_add_(0, scatter, h.new_ones(h.shape[0]))
-        sums, counts, bad_labels = sums[:num_classes], counts[:num_classes], out_of_range.any()
+        out_of_range = labels != labels.clamp(0, k - 1)
+        scatter = labels.masked_fill(out_of_range, k)  # row K: dropped
+        sums = source.new_zeros(k + 1, h.shape[1]).index_add_(0, scatter, source)[:k]
+        ones = source.new_ones(h.shape[0])
+        counts = source.new_zeros(k + 1).index_add_(0, scatter, ones)[:k]
+        bad_labels = out_of_range.any()
     else:
-        classes = torch.arange(num_classes, device=h.device)
-        scatter = (labels.unsqueeze(1) == classes).to(h.dtype)  # (B, K)
-        sums, counts = scatter.transpose(0, 1) @ shifted, scatter.sum(dim=0)
+        classes = torch.arange(k, device=h.device)
+        scatter = (labels.unsqueeze(1) == classes).to(source.dtype)  # (B, K)
+        sums, counts = scatter.transpose(0, 1) @ source, scatter.sum(dim=0)
         bad_labels = counts.sum() != labels.shape[0]
-    counts = counts.to(compute_dtype)
-    sums = torch.addr(sums.to(compute_dtype), counts, reference.to(compute_dtype))
+    if reference is not None:
+        sums = torch.addr(sums, counts, reference)
     flags = torch.stack([~torch.isfinite(norms).all(), bad_labels]).to(compute_dtype)
     return ClassStatistics(*all_reduce_sums(sums, counts, flags), scatter)
 
@@ -648,7 +649,6 @@ class _ImplicitETFLogits(torch.autograd.Function):
         if grad_logits.dtype != h.dtype:
             grad_logits = grad_logits.to(h.dtype)
         column_sums = grad_logits.sum(dim=0)  # sum_i Gz_i (K,)
-        grad_h = grad_logits @ weight  # W^T Gz_i, through the logits
         grad_mean = -(column_sums @ weight).to(compute)  # through b = -W mu
         if ctx.ddn_grad:
             num_classes = weight.shape[0]
@@ -670,12 +670,14 @@ class _ImplicitETFLogits(torch.autograd.Function):
         else:
             grad_sums = (grad_mean * inverse_total).expand(inverse_counts.shape[0], -1)
         (grad_sums,) = all_reduce_sums(grad_sums)
-        grad_h = grad_h + _rows_by_class(grad_sums.to(h.dtype), scatter)
+        # dh_i = W^T Gz_i + dS_{y_i}: one product added to the gathered rows.
+        grad_h = torch.addmm(_rows_by_class(grad_sums.to(h.dtype), scatter), grad_logits, weight)
         # h = tau f / max(||f||, eps): the radial part of dh does not reach f (unclamped rows).
         temperature = ctx.temperature
-        unclamped = (norms > NORM_EPS).to(h.dtype) / temperature**2
-        radial = (grad_h * h).sum(dim=1, keepdim=True) * unclamped
-        grad_features = (grad_h - radial * h) * (temperature / norms.clamp_min(NORM_EPS))
+        scale = temperature / norms.clamp_min(NORM_EPS)  # (B, 1)
+        radial = torch.linalg.vecdot(grad_h, h).unsqueeze(1)
+        radial = radial * torch.where(norms > NORM_EPS, scale / temperature**2, 0.0)
+        grad_features = torch.addcmul(grad_h * scale, radial, h, value=-1.0)
         if grad_features.dtype != ctx.input_dtype:
             grad_features = grad_features.to(ctx.input_dtype)
         return (grad_features, *([None] * (16 + len(saved))))

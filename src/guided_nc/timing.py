@@ -156,6 +156,28 @@ def _saved_tensor_bytes(step: Callable[[], Any]) -> int:
     return sum(seen.values())
 
 
+def count_top_level_ops(step: Callable[[], Any]) -> int:
+    """Run ``step()`` under ``torch.profiler``; the number of top-level aten operations.
+
+    An operation is top-level when no other aten operation encloses it (autograd's backward
+    included). On a GPU each is at least one kernel launch and microseconds of host time, so on
+    a CPU the count stands in for what a GPU pays per step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    count = 0
+    for event in profiler.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
 def time_steps(
     runs: Mapping[str, StepRun],
     repeats: int,
@@ -272,4 +294,9 @@ def measure_heads(
         optimizer = build_optimizer(optimizer_name, parameters, lr=0.01, weight_decay=0.0)
         runs[name] = StepRun(model, optimizer, inputs, labels)
     results = time_steps(runs, repeats, warmup, device=device, measure_memory=True)
-    return summarize_times(results)
+    summary = summarize_times(results)
+    for name, run in runs.items():  # after the timing: the profiler's overhead stays out of it
+        summary[name]["ops_per_step"] = count_top_level_ops(
+            lambda run=run: training_step(run.model, run.optimizer, run.inputs, run.labels)
+        )
+    return summary

@@ -161,14 +161,16 @@ def run(args: argparse.Namespace) -> int:
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """Markdown table: head, median time per step [min, max], ratio to standard, peak memory."""
     lines = [
-        "| head | time per step (s), median [min, max] | / standard | memory (MiB) |",
-        "|---|---|---|---|",
+        "| head | time per step (s), median [min, max] | / standard | top-level ops per step "
+        "| memory (MiB) |",
+        "|---|---|---|---|---|",
     ]
     for name, r in results.items():
         ratio = r.get("ratio")
         shown = "-" if ratio is None else f"{ratio:.2f}x ({r['overhead_percent']:+.1f} %)"
         lines.append(
             f"| {name} | {r['time_per_step_s']:.4f} [{r['time_min_s']:.4f}, "
-            f"{r['time_max_s']:.4f}] | {shown} | {r['peak_memory_mb']:.1f} ({r['memory_kind']}) |"
+            f"{r['time_max_s']:.4f}] | {shown} | {r.get('ops_per_step', '-')} "
+            f"| {r['peak_memory_mb']:.1f} ({r['memory_kind']}) |"
         )
     return "\n".join(lines)

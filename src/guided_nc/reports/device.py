@@ -95,11 +95,12 @@ def markdown(report: dict[str, Any]) -> str:
                     name,
                     f"{1000 * r['time_per_step_s']:.3g}",
                     f"{r.get('ratio', 1.0):.2f}x",
+                    str(r.get("ops_per_step", "-")),
                     f"{r['peak_memory_mb']:.0f}",
                 ]
                 for name, r in data["heads"].items()
             ]
-            header = ["head", "ms per step", "/ standard", "peak memory (MiB)"]
+            header = ["head", "ms per step", "/ standard", "top-level ops", "peak memory (MiB)"]
             lines += [
                 f"## Table 3, {setting}, batch {data['batch_size']}",
                 "",
