@@ -252,8 +252,14 @@ def test_a_report_says_which_epochs_each_run_has(tmp_path, capsys):
         ({"optimizer": "sgd", "lr": float("nan")}, "lr=nan must be a finite number"),
         ({"optimizer": "sgd", "lr": 0.0}, r"lr=0.0 must be a finite number > 0"),
         ({"gain": float("inf")}, "gain=inf must be a finite number"),
-        ({"optimizer": "sgd", "momentum": 1.5}, r"momentum=1.5 must be a finite number in \\[0, 1\\)"),
-        ({"optimizer": "sgd", "weight_decay": -1e-4}, r"weight_decay=-0.0001 must be a finite number >= 0"),
+        (
+            {"optimizer": "sgd", "momentum": 1.5},
+            r"momentum=1.5 must be a finite number in \[0, 1\)",
+        ),
+        (
+            {"optimizer": "sgd", "weight_decay": -1e-4},
+            r"weight_decay=-0.0001 must be a finite number >= 0",
+        ),
         ({"delta": float("nan")}, "delta=nan must be a finite number"),
     ],
 )
