@@ -328,7 +328,7 @@ def _gram_factors(
 
 
 def _gram_or_svd_factors(
-    target: torch.Tensor, result_dtype: torch.dtype, name: str
+    target: torch.Tensor, result_dtype: torch.dtype, name: str, finite: bool = False
 ) -> PolarFactors:
     """Route "gram" with its fallback: the SVD when the eigenvalues fail the threshold.
 
@@ -337,19 +337,21 @@ def _gram_or_svd_factors(
     of a huge A, which the SVD does not square; or NaN input). Eagerly the decision reads the
     host twice, and only then is the input checked for NaN/Inf (``name`` in the ValueError), so
     the common case pays for no finiteness pass; under ``torch.compile`` it is a ``torch.cond``
-    instead, so the graph has no break (callers pass finite input there: the heads do).
+    instead, so the graph has no break (callers pass finite input there: the heads do). A
+    caller that knows A is finite and moderate (``finite``: the heads' A has a unit-norm Y and
+    an orthonormal prox) skips the overflow test, one host read fewer.
     """
     threshold = gram_eigenvalue_threshold(target.dtype, result_dtype)
     gram = target.transpose(-2, -1) @ target
     # A NaN anywhere makes the sum NaN; an overflowing sum (entries near 1e308) only sends a
     # finite case to the SVD, which is exact too.
-    total = gram.sum()
+    total = None if finite else gram.sum()
     if torch.compiler.is_compiling():
         # The same rule as device tensors and a torch.cond. eigh may fail on non-finite input:
         # it gets zeros instead, which fail the threshold. Both branches give the same form.
-        finite = total.isfinite()
-        eigenvalues, eigenvectors = torch.linalg.eigh(torch.where(finite, gram, 0.0))
-        accurate = (eigenvalues[0] > threshold * eigenvalues[-1]) & finite
+        usable = gram.sum().isfinite()
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.where(usable, gram, 0.0))
+        accurate = (eigenvalues[0] > threshold * eigenvalues[-1]) & usable
 
         def gram_branch(target, eigenvalues, eigenvectors):
             factors = _gram_factors(target, eigenvalues, eigenvectors, guarded=True)
@@ -364,7 +366,7 @@ def _gram_or_svd_factors(
         )
         form = "p" if _frame_form(*target.shape) else "u"
         return PolarFactors(frame, form, tuple(saved))
-    if math.isfinite(total.item()):
+    if finite or math.isfinite(total.item()):
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         lowest, highest = eigenvalues[:: eigenvalues.shape[0] - 1].tolist()  # one host read
         if lowest > threshold * highest:
@@ -682,6 +684,7 @@ def solve_polar(
     floor: float = 0.0,
     strict: bool = True,
     name: str = "features",
+    finite: bool = False,
 ) -> PolarFactors:
     """The orthogonal polar factor of ``target`` by one exact route, with the route's fallback.
 
@@ -696,10 +699,12 @@ def solve_polar(
       ``floor`` of ``sigma_min(A)``. ``strict``: read the convergence flag and answer with the
       SVD if it failed (one host read); otherwise return the flag in ``converged``, unread.
 
-    ``name`` is what a NaN/Inf error calls the input. Shape: target (d, K), in the compute dtype.
+    ``name`` is what a NaN/Inf error calls the input; ``finite`` says the caller knows A is
+    finite and moderate (the Gram route then skips its overflow test). Shape: target (d, K), in
+    the compute dtype.
     """
     if route == "gram":
-        return _gram_or_svd_factors(target, result_dtype or target.dtype, name)
+        return _gram_or_svd_factors(target, result_dtype or target.dtype, name, finite)
     if route == "svd":
         check_finite_features(target, name)
         return _svd_factors(target)
@@ -757,6 +762,7 @@ def solve_nearest_etf(
     feature_norm: float | None = None,
     strict: bool = True,
     max_iterations: int = 30,
+    finite: bool = False,
 ) -> PolarFactors:
     """The nearest-ETF solve on validated inputs, without autograd: :class:`PolarFactors` of
     ``A' = Y M + (delta / c) prox`` (:func:`nearest_etf_target`), by a resolved route.
@@ -765,8 +771,9 @@ def solve_nearest_etf(
     its own fused backward). ``result_dtype`` sets the Gram route's accuracy target (default:
     the features' dtype; the heads pass the dtype they store P in). ``feature_norm`` is an upper
     bound on ``||Y||_F`` for Newton-Schulz (the heads pass 1: their Y has unit norm); None reads
-    it from the device. ``strict``: see :func:`solve_polar`. A registered solver (e.g.
-    ``"trust-regions"``) returns P, and the backward is the implicit-function gradient at P.
+    it from the device. ``strict`` and ``finite``: see :func:`solve_polar`. A registered solver
+    (e.g. ``"trust-regions"``) returns P, and the backward is the implicit-function gradient at
+    P.
     """
     target = nearest_etf_target(features, prox, delta, compute_dtype)
     floor = delta / (2.0 / math.sqrt(features.shape[-1] - 1))  # delta / c, the usual s_min(A')
@@ -779,6 +786,7 @@ def solve_nearest_etf(
             bound=bound,
             floor=floor,
             strict=strict,
+            finite=finite,
         )
     if route not in _REGISTERED_SOLVERS:
         raise RuntimeError(

@@ -101,12 +101,17 @@ def _working_dtype(features: torch.Tensor) -> torch.Tensor:
     return features.float()
 
 
-def _normalized(features: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, ||f||)``: the features the heads classify (:func:`normalize_features` is this, so
-    the same bits) and the row norms (B, 1), which the heads reuse as their finiteness test."""
+def _normalized(
+    features: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, ||f||, tau / max(||f||, eps))``: the features the heads classify
+    (:func:`normalize_features` is this, so the same bits), the row norms (B, 1), which the
+    heads reuse as their finiteness test, and the scale (B, 1), which the implicit head's
+    backward reuses."""
     features = _working_dtype(features)
     norms = features.norm(2, dim=-1, keepdim=True)
-    return features * (temperature / norms.clamp_min(NORM_EPS)), norms
+    scale = temperature / norms.clamp_min(NORM_EPS)
+    return features * scale, norms, scale
 
 
 def _value_flags(
@@ -322,7 +327,7 @@ class LearnableHead(_Head):
         """Logits (B, K). ``labels`` is accepted for a uniform head interface and only checked."""
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
-        h, norms = _normalized(features, self.temperature)
+        h, norms, _ = _normalized(features, self.temperature)
         self._validate_values(norms, labels, self.strict(features.device), reduce=self.training)
         weight = self.weight
         logits = F.linear(h.to(weight.dtype), weight, self.bias)
@@ -389,7 +394,6 @@ class _CentredETFHead(_Head):
         (no bias towards the zero initialisation); later steps use the momentum, or a cumulative
         average when ``running_mean_momentum`` is None (as in batch norm). On the device: the
         step count is never read on the host."""
-        batch_mean = batch_mean.detach()
         old = self.running_mean
         if old.dtype != batch_mean.dtype:
             old = old.to(batch_mean.dtype)
@@ -472,7 +476,7 @@ class FixedETFHead(_CentredETFHead):
         check_batch_features(features, self.num_features)
         check_labels(labels, features.shape[0], required=False)
         self._check_state()
-        h, norms = _normalized(features, self.temperature)
+        h, norms, _ = _normalized(features, self.temperature)
         if not self.training:
             return self._eval_logits(features, h, norms)
         strict = self.strict(features.device)
@@ -514,6 +518,15 @@ class FixedETFHead(_CentredETFHead):
 
 
 # --- the implicit head's step, as pure functions -------------------------------------------------
+
+
+def smoothing_factor(steps_done, floor: float, dtype: torch.dtype = COMPUTE_DTYPE):
+    """The class-mean smoothing factor ``alpha_t = max(2/(t+1), floor)`` of step
+    ``t = steps_done + 1`` (method.md section 3.5): a Python float for an int, a 0-d tensor in
+    ``dtype`` on its device for a tensor (no host read)."""
+    if isinstance(steps_done, torch.Tensor):
+        return (2.0 / (steps_done + 2).to(dtype)).clamp_min(floor)
+    return max(2.0 / (steps_done + 2), floor)
 
 
 class ClassStatistics(NamedTuple):
@@ -594,7 +607,7 @@ class _ImplicitETFLogits(torch.autograd.Function):
         ctx,
         features,
         h,
-        norms,
+        scale,
         weight,
         mean,
         unit_average,
@@ -615,7 +628,7 @@ class _ImplicitETFLogits(torch.autograd.Function):
         logits = torch.addmm(weight_h @ mean_h, h, weight_h.transpose(0, 1), beta=-1)
         ctx.save_for_backward(
             h,
-            norms,
+            scale,
             weight_h,
             mean_h,
             unit_average,
@@ -634,7 +647,7 @@ class _ImplicitETFLogits(torch.autograd.Function):
     def backward(ctx, grad_logits):
         (
             h,
-            norms,
+            scale,
             weight,
             mean,
             unit_average,
@@ -649,7 +662,7 @@ class _ImplicitETFLogits(torch.autograd.Function):
         if grad_logits.dtype != h.dtype:
             grad_logits = grad_logits.to(h.dtype)
         column_sums = grad_logits.sum(dim=0)  # sum_i Gz_i (K,)
-        grad_mean = -(column_sums @ weight).to(compute)  # through b = -W mu
+        grad_mean = (column_sums @ weight).to(compute)  # minus dL/dmu through b = -W mu
         if ctx.ddn_grad:
             num_classes = weight.shape[0]
             grad_weight = torch.addr(grad_logits.transpose(0, 1) @ h, column_sums, mean, alpha=-1)
@@ -664,19 +677,18 @@ class _ImplicitETFLogits(torch.autograd.Function):
             grad_unit = polar_factors_backward(factors, grad_frame, center=True)  # dL/dY
             radial = (grad_unit * unit_average).sum()
             grad_batch = (grad_unit - radial * unit_average) * (mix / average_norm)  # (d, K)
-            grad_mean = grad_mean - grad_batch.sum(dim=1)
+            grad_mean = grad_mean + grad_batch.sum(dim=1)
             grad_sums = grad_batch.transpose(0, 1) * inverse_counts.unsqueeze(1)
-            grad_sums = grad_sums + grad_mean * inverse_total  # every sample's share of dmu
+            grad_sums = grad_sums - grad_mean * inverse_total  # every sample's share of dmu
         else:
-            grad_sums = (grad_mean * inverse_total).expand(inverse_counts.shape[0], -1)
+            grad_sums = (grad_mean * -inverse_total).expand(inverse_counts.shape[0], -1)
         (grad_sums,) = all_reduce_sums(grad_sums)
         # dh_i = W^T Gz_i + dS_{y_i}: one product added to the gathered rows.
         grad_h = torch.addmm(_rows_by_class(grad_sums.to(h.dtype), scatter), grad_logits, weight)
-        # h = tau f / max(||f||, eps): the radial part of dh does not reach f (unclamped rows).
-        temperature = ctx.temperature
-        scale = temperature / norms.clamp_min(NORM_EPS)  # (B, 1)
-        radial = torch.linalg.vecdot(grad_h, h).unsqueeze(1)
-        radial = radial * torch.where(norms > NORM_EPS, scale / temperature**2, 0.0)
+        # h = scale f with scale = tau / ||f||: the radial part of dh does not reach f. (Rows
+        # with 0 < ||f|| < eps, whose clamped norm has no gradient, would need a mask: such
+        # rows do not occur in training, and an all-zero row has h = 0, so it gets scale dh.)
+        radial = torch.linalg.vecdot(grad_h, h).unsqueeze(1) * (scale / ctx.temperature**2)
         grad_features = torch.addcmul(grad_h * scale, radial, h, value=-1.0)
         if grad_features.dtype != ctx.input_dtype:
             grad_features = grad_features.to(ctx.input_dtype)
@@ -826,7 +838,7 @@ class ImplicitETFHead(_CentredETFHead):
         check_labels(labels, features.shape[0], required=self.training)
         self._check_state()
         if not self.training:
-            return self._eval_logits(features, *_normalized(features, self.temperature))
+            return self._eval_logits(features, *_normalized(features, self.temperature)[:2])
         if labels.device != features.device:
             labels = labels.to(features.device)
         return self._training_step(features, labels)
@@ -838,14 +850,14 @@ class ImplicitETFHead(_CentredETFHead):
         strict = self.strict(features.device)
         with torch.no_grad():
             # 1. Class statistics of the batch, summed over ranks; a bad batch is refused here.
-            h, norms = _normalized(features, self.temperature)
+            h, norms, scale = _normalized(features, self.temperature)
             stats = class_statistics(h, norms, labels, self.num_classes, compute)
             ok = self._screen(stats.flags, strict)
             total = stats.counts.sum()
             inverse_total = total.clamp_min(1.0).reciprocal()
             inverse_counts = stats.counts.clamp_min(1.0).reciprocal()
             mean = stats.sums.sum(dim=0) * inverse_total  # mu_G (d,)
-            present = (stats.counts > 0).to(compute)
+            present = stats.counts.clamp_max(1.0)  # 1 for the classes in the batch, else 0
             # Ybar_batch^T (K, d): mu_k - mu_G for the classes present, 0 for the others.
             batch_centred = torch.addr(
                 stats.sums * inverse_counts.unsqueeze(1), present, mean, alpha=-1
@@ -853,8 +865,10 @@ class ImplicitETFHead(_CentredETFHead):
 
             # 2. Moving average: Ybar_t = Ybar_{t-1} + alpha_t (Ybar_batch - Ybar_{t-1}) for the
             # classes present, with alpha_t = max(2/(t+1), floor) and t = num_steps + 1.
-            alpha = (2.0 / (self.num_steps + 2).to(compute)).clamp_min(self.alpha_floor)
-            mix = alpha * present  # (K,)
+            # Strict mode reads the step count (a host read, as its value checks do); deferred
+            # mode and torch.compile keep it on the device.
+            steps_done = int(self.num_steps) if strict else self.num_steps
+            mix = present * smoothing_factor(steps_done, self.alpha_floor, compute)  # (K,)
             average = torch.lerp(
                 self.class_mean_average.to(compute), batch_centred.transpose(0, 1), mix
             )
@@ -875,6 +889,7 @@ class ImplicitETFHead(_CentredETFHead):
                 result_dtype=self.frame.dtype,  # the Gram route's accuracy target
                 feature_norm=1.0,  # ||Y||_F <= 1: Newton-Schulz needs no read of it
                 strict=strict,
+                finite=True,  # Y is unit-norm (or 0) and P_prev orthonormal
             )
             if factors.converged is not None:
                 ok = factors.converged if ok is None else ok & factors.converged
@@ -884,7 +899,7 @@ class ImplicitETFHead(_CentredETFHead):
         logits = _ImplicitETFLogits.apply(
             features,
             h,
-            norms,
+            scale,
             weight,
             mean,
             unit_average,
@@ -911,7 +926,7 @@ class ImplicitETFHead(_CentredETFHead):
                     "class_mean_average": average,
                     "frame": factors.frame,
                     "weight": weight,
-                    "classes_seen": self.classes_seen | (present > 0),
+                    "classes_seen": torch.logical_or(self.classes_seen, stats.counts),
                     "num_steps": self.num_steps + 1,
                 },
             )
