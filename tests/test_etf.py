@@ -689,3 +689,24 @@ def test_device_matches_float64_cpu_reference(device, dtype, route):
     torch.testing.assert_close(result.cpu().double(), reference, atol=tolerance, rtol=0)
     result.sum().backward()
     assert features.grad.device.type == device and features.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_large_k_backward_forms_match_finite_differences(route):
+    """K = 36 >= 32 with 2d >= 5K: the Gram and SVD routes use the P form of the backward and
+    Newton-Schulz its K x K (not block) iteration; the vector-Jacobian product must equal a
+    central finite difference of <G, P(Y)> along a random direction (float64)."""
+    dim, num_classes, delta = 90, 36, 1e-3
+    y, prox, _ = random_problem(dim, num_classes, 5)
+    generator = torch.Generator().manual_seed(9)
+    upstream = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    direction = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    features = torch.from_numpy(y).requires_grad_(True)
+    prox_tensor = torch.from_numpy(prox)
+    (nearest_etf(features, prox_tensor, delta, route) * upstream).sum().backward()
+    step = 1e-6
+    with torch.no_grad():
+        plus = nearest_etf(features + step * direction, prox_tensor, delta, route)
+        minus = nearest_etf(features - step * direction, prox_tensor, delta, route)
+    finite_difference = float(((plus - minus) * upstream).sum()) / (2 * step)
+    assert math.isclose(float((features.grad * direction).sum()), finite_difference, rel_tol=1e-6)

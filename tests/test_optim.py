@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from guided_nc.optim import AGD, build_optimizer, build_scheduler, orthogonal_init_, weight_scale
+from guided_nc.optim import (
+    AGD,
+    agd,
+    build_optimizer,
+    build_scheduler,
+    orthogonal_init_,
+    weight_scale,
+)
 
 
 def numpy_agd_step(weights, grads, gains, lr=1.0):
@@ -84,6 +91,34 @@ def test_agd_step_matches_numpy(dtype):
     for p, g in zip(params, grads, strict=True):
         assert (p.grad is None) if g is None else torch.equal(p.grad, g)
     assert torch.equal(params[2].detach(), weights[2])  # zero gradient: unchanged
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_functional_agd_matches_numpy_and_refuses_non_finite_gradients(strict):
+    """The functional update (what AGD.step calls) against the numpy re-derivation, with the
+    step sizes lr * gain * s_l / L passed in; a NaN gradient moves no weight in either mode."""
+    generator = torch.Generator().manual_seed(4)
+    weights, grads = _tensors(torch.float64, generator)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    params = [weights[i].clone() for i in present]
+    depth, gain = len(weights), 10.0
+    step_sizes = [gain * weight_scale(p.shape) / depth for p in params]
+    eta, bad = agd(params, [grads[i] for i in present], step_sizes, depth, strict=strict)
+    expected, expected_eta = numpy_agd_step(
+        [w.numpy() for w in weights],
+        [None if g is None else g.numpy() for g in grads],
+        gains=[gain] * depth,
+    )
+    assert not bad.any() and math.isclose(float(eta), expected_eta, rel_tol=1e-12)
+    for p, i in zip(params, present, strict=True):
+        torch.testing.assert_close(p, torch.from_numpy(expected[i]), atol=1e-12, rtol=1e-12)
+    poisoned = [g.clone() for g in (grads[i] for i in present)]
+    poisoned[1][0, 0, 0, 0] = float("nan")
+    before = [p.clone() for p in params]
+    _, bad = agd(params, poisoned, step_sizes, depth, strict=strict)
+    assert bad.tolist() == [False, True, False, False]
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)
 
 
 def test_agd_eta_formula_and_no_gradients():

@@ -16,6 +16,13 @@ Settings (paper Table 3 / Figure 5):
   model); ``--backbone`` adds a ResNet50 on 3x224x224 images (a GPU job).
 * ``fmnist-mlp``: the Fashion-MNIST MLP of docs/results.md (3 hidden layers of 512, batch
   norm without affine parameters) on random 1x28x28 images, d = 512, K = 10, batch 256.
+* ``head``: the head alone, d = 512, K = 10 (ResNet18 on CIFAR-10's head), batch 256: forward,
+  cross-entropy and backward into a leaf batch of features, no optimiser; eager and, with
+  ``--compile``, ``torch.compile(head, fullgraph=True)`` too.
+
+Every table also gives the top-level aten operations of one step (``torch.profiler``, counted
+after the timing): on a GPU each is at least one kernel launch and microseconds of host time,
+so on a CPU the count stands in for what a GPU pays per step.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` per head on CUDA. On a CPU there is no
 resettable allocator peak, so the benchmark reports the memory autograd saves for the backward
@@ -44,6 +51,7 @@ SETTINGS = {
     "resnet18-cifar": ("resnet18", (3, 32, 32), 512, 10),
     "imagenet-head": ("resnet50", (3, 224, 224), 2048, 1000),
     "fmnist-mlp": ("mlp", (1, 28, 28), 512, 10),  # the MLP of docs/results.md
+    "head": (None, None, 512, 10),  # the head alone: forward, loss, backward
 }
 
 
@@ -78,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time the head on free random features (default for imagenet-head)",
     )
     parser.add_argument("--optimizer", choices=("agd", "sgd"), default="agd")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="setting head: also time torch.compile(head, fullgraph=True)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         "settings": {},
     }
     for setting in settings:
+        if setting == "head":
+            _run_head_alone(args, heads, device, report)
+            continue
         with_backbone = args.backbone
         if with_backbone is None:
             with_backbone = setting != "imagenet-head"
@@ -156,6 +172,94 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _run_head_alone(args: argparse.Namespace, heads: tuple[str, ...], device, report) -> None:
+    """The ``head`` setting: eager (and compiled) head steps, printed and added to ``report``."""
+    _, _, num_features, num_classes = SETTINGS["head"]
+    modes = (False, True) if args.compile else (False,)
+    for compiled in modes:
+        results = measure_head_alone(
+            num_features,
+            num_classes,
+            args.batch_size,
+            heads,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            compiled=compiled,
+            device=device,
+            seed=args.seed,
+        )
+        name = "head-compiled" if compiled else "head"
+        report["settings"][name] = {"backbone": False, "heads": results}
+        kind = "torch.compile(fullgraph=True)" if compiled else "eager"
+        size = f"d={num_features} K={num_classes}"
+        print(f"\nhead alone, {size} ({kind}, batch {args.batch_size}, {device})")
+        print(format_table(results))
+
+
+def measure_head_alone(
+    num_features: int,
+    num_classes: int,
+    batch_size: int,
+    methods: tuple[str, ...],
+    *,
+    repeats: int,
+    warmup: int,
+    compiled: bool = False,
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Interleaved time and top-level operations of one head step: forward, cross-entropy and
+    backward into a (B, d) leaf batch, as a head costs inside any model (no optimiser).
+
+    Returns :func:`guided_nc.timing.summarize_times` of the steps (ratios to ``standard``) with
+    ``ops_per_step`` added (eager ops even for compiled heads: the count is of the eager step).
+    """
+    import time
+
+    import torch.nn.functional as F
+
+    from guided_nc.heads import build_head
+    from guided_nc.runtime import synchronize
+    from guided_nc.timing import count_top_level_ops, summarize_times
+
+    device = device or torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(batch_size, num_features, generator=generator).to(device)
+    labels = (torch.arange(batch_size) % num_classes).to(device)
+    heads = {}
+    for name in methods:
+        torch.manual_seed(seed)
+        heads[name] = build_head(name, num_features, num_classes).to(device).train()
+
+    def step(module) -> None:
+        features = batch.clone().requires_grad_(True)
+        F.cross_entropy(module(features, labels), labels).backward()
+
+    ops = {name: None for name in heads}
+    for name, head in heads.items():
+        step(head)
+        ops[name] = count_top_level_ops(lambda head=head: step(head))
+    runners = {
+        name: torch.compile(head, fullgraph=True) if compiled else head
+        for name, head in heads.items()
+    }
+    results: dict[str, dict[str, Any]] = {
+        name: {"seconds": [], "peak_memory_mb": 0.0, "memory_kind": "-"} for name in runners
+    }
+    for index in range(warmup + repeats):
+        for name, runner in runners.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step(runner)
+            synchronize(device)
+            if index >= warmup:
+                results[name]["seconds"].append(time.perf_counter() - start)
+    summary = summarize_times(results)
+    for name in summary:
+        summary[name]["ops_per_step"] = ops[name]
+    return summary
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
