@@ -28,14 +28,18 @@ def test_bench_runs_every_route_against_svd_and_the_baseline(capsys):
     table = [line for line in out.splitlines() if line.startswith("| 12 | 4 |")]
     assert [line.split("|")[3].strip() for line in table] == list(bench_etf.ROUTES)
     cells = [cell.strip() for cell in table[0].strip("|").split("|")]
-    assert len(cells) == 13
+    assert len(cells) == 15
+    header = next(line for line in out.splitlines() if line.startswith("| d | K |"))
+    assert "| polar+autograd / fwd+bwd | fwd+bwd / floor |" in header
     # Timings and memory are numbers with units; ratios and speed-ups are positive numbers.
     assert re.fullmatch(rf"{NUMBER} \(CPU {NUMBER}\)", cells[3])
-    assert re.fullmatch(r"[\d.]+x", cells[5]) and re.fullmatch(r"[\d.]+x", cells[6])
-    assert re.fullmatch(rf"{NUMBER} \(\d+ it\.\)", cells[8])
-    assert re.fullmatch(r"[\d,]+x \((gram|svd|newton-schulz)\)", cells[11])
-    assert re.fullmatch(r"[\d,]+x", cells[12])
+    for ratio in cells[5:9]:  # to one SVD (forward, fwd+bwd), polar + autograd, the floor
+        assert re.fullmatch(r"[\d.]+x", ratio)
+    assert re.fullmatch(rf"{NUMBER} \(\d+ it\.\)", cells[10])
+    assert re.fullmatch(r"[\d,]+x \((gram|svd|newton-schulz)\)", cells[13])
+    assert re.fullmatch(r"[\d,]+x", cells[14])
     assert re.search(rf"svd\(A\), float64, same processes: 12x4: {NUMBER}", out)
+    assert re.search(rf"12x4: polar {NUMBER}, floor {NUMBER}", out)
 
 
 def test_bench_routes_and_compute_dtype_flags(capsys):
@@ -45,7 +49,7 @@ def test_bench_routes_and_compute_dtype_flags(capsys):
     out = capsys.readouterr().out
     assert "compute float32" in out and "svd forward" in out and "gram forward" not in out
     table = [line for line in out.splitlines() if line.startswith("| 12 | 4 |")]
-    assert len(table) == 1 and len(table[0].strip("|").split("|")) == 8
+    assert len(table) == 1 and len(table[0].strip("|").split("|")) == 10
     assert bench_etf.run(parse(["--sizes", "12x4", "--routes", "qr"])) == 2
     assert "--routes='qr': use a subset of gram,svd,newton-schulz" in capsys.readouterr().err
 

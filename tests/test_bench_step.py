@@ -31,3 +31,13 @@ def test_cli_runs_resnet18_cifar_with_a_small_batch(tmp_path, capsys):
     ratio = heads["implicit"]["time_per_step_s"] / heads["standard"]["time_per_step_s"]
     assert heads["implicit"]["ratio"] == pytest.approx(ratio)
     assert f"{ratio:.2f}x" in output
+
+
+def test_head_alone_setting_times_and_counts_every_head():
+    from guided_nc.bench.step import measure_head_alone
+
+    results = measure_head_alone(16, 4, 8, ("standard", "implicit"), repeats=2, warmup=1)
+    assert results["standard"]["ratio"] == 1.0
+    assert results["implicit"]["time_per_step_s"] > 0
+    # The implicit head does strictly more than the standard one: class statistics and a solve.
+    assert results["implicit"]["ops_per_step"] > results["standard"]["ops_per_step"] > 0

@@ -83,3 +83,15 @@ def test_measure_heads_leaves_the_callers_backbone_alone():
         assert torch.equal(before, after)
     with pytest.raises(ValueError, match=r"heads=\['learned'\] unknown"):
         measure_heads(backbone, 4, inputs, labels, methods=("learned",))
+
+
+def test_count_top_level_ops_counts_what_a_step_dispatches():
+    """Hand-counted: ones, add and mul are three top-level operations (their inner empty and
+    fill_ are not); a matrix product through autograd adds its backward's products."""
+    from guided_nc.timing import count_top_level_ops
+
+    assert count_top_level_ops(lambda: torch.ones(3).add(1).mul(2)) == 3
+    weight = torch.ones(2, 2, requires_grad=True)
+    # forward: ones, mm, sum; backward: ones_like (the seed), expand, mm's t + mm for the weight
+    ops = count_top_level_ops(lambda: (torch.ones(4, 2) @ weight).sum().backward())
+    assert ops > 3
