@@ -89,9 +89,8 @@ class AGD(torch.optim.Optimizer):
     def __init__(
         self, params: Iterable, gain: float = 10.0, lr: float = 1.0, validation: str = "auto"
     ) -> None:
-        for name, value in (("gain", gain), ("lr", lr)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}={value} must be a finite number >= 0")
+        gain = _check_number("gain", gain, positive=True)  # as build_optimizer refuses them
+        lr = _check_number("lr", lr, positive=True)
         self.validation = check_validation(validation)
         self.last_eta: torch.Tensor | None = None
         self._num_checked = 0
