@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from guided_nc._version import __version__
-from guided_nc.runfiles import DiskError, RunFolderLocked
+from guided_nc.runfiles import DiskError, RunFileError, RunFolderLocked
 
 #: Benchmarks of ``guided-nc bench``: (module, help).
 BENCHMARKS = {
@@ -39,7 +39,7 @@ DEMO_EVAL_INTERVAL = 100
 DEMO_THREADS = 1
 
 #: Errors that are the user's to fix: one line, no traceback (a bad value, a missing or
-#: unreadable file, a folder in use, a full disk).
+#: unreadable file, a broken run file, a folder in use, a full or read-only disk).
 USER_ERRORS = (
     ValueError,
     TypeError,
@@ -48,6 +48,7 @@ USER_ERRORS = (
     PermissionError,
     RunFolderLocked,
     DiskError,
+    RunFileError,
 )
 
 
