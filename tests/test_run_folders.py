@@ -527,3 +527,22 @@ def test_broken_files_raise_run_file_errors_naming_them(tmp_path):
     assert runfiles.read_long_csv(csv_path)[0]["loss"] == "low"  # no column types: any text
     with pytest.raises(RunFileError, match=r"line 2, column 'loss' holds 'low'"):
         runfiles.read_long_csv(csv_path, runfiles.RUN_TEXT_COLUMNS)
+
+
+def test_a_broken_file_in_another_folder_does_not_decide_a_kind(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("[")
+    assert folder_kind(tmp_path) is None  # free: nothing of a run in it
+    (tmp_path / "config.json").write_text("[")  # but a broken config.json of its own is named
+    with pytest.raises(RunFileError, match=rf"'{tmp_path / 'config.json'}': it is not valid"):
+        folder_kind(tmp_path)
+
+
+def test_debug_shows_the_traceback_of_a_broken_run_file(tmp_path):
+    folder = tmp_path / "compare"
+    shutil.copytree(DATA / "compare-v0.1", folder)
+    (folder / "runs" / "fixed" / "seed0" / "config.json").write_text("[]")
+    plain = _cli("compare", "--out", str(folder), "--report-only")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    debug = _cli("--debug", "compare", "--out", str(folder), "--report-only")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "RunFileError" in debug.stderr

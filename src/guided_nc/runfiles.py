@@ -682,8 +682,11 @@ def _inferred_kind(folder: Path) -> tuple[str, str] | None:
     if summary.is_file() and "presets" in read_json(summary, expect=dict):
         return "ufm", "summary.json of several UFM presets"
     for child in sorted(folder.iterdir()):  # a multi-preset UFM folder holds preset folders
-        if child.is_dir() and _holds_preset(child / "config.json"):
-            return "ufm", f"{child.name}/config.json with a UFM preset"
+        try:
+            if child.is_dir() and _holds_preset(child / "config.json"):
+                return "ufm", f"{child.name}/config.json with a UFM preset"
+        except RunFileError:  # a broken file in some other folder says nothing about this one
+            continue
     return None
 
 
