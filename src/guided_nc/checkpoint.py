@@ -10,7 +10,7 @@ converted to tensors and lists for that reason).
 Every checkpoint carries a SHA-256 checksum of its contents (:func:`state_checksum`: every
 tensor's bytes, dtype and shape, every key and value, in order) under :data:`CHECKSUM_KEY`,
 and :func:`load_checkpoint` recomputes it: a flipped byte in the tensor data (which the zip
-format's CRCs do not catch when torch reads it) is refused. Checkpoints written before 0.2.0
+format's CRCs do not catch when torch reads it) is refused. Checkpoints of earlier versions
 have no checksum; they load with a warning.
 """
 
@@ -142,7 +142,7 @@ def load_checkpoint(
         raise unusable(f"is not a guided-nc checkpoint (it holds a {type(state).__name__})")
     stored = state.pop(CHECKSUM_KEY, None)
     if stored is None:
-        _LOGGER.warning("%s has no checksum (written before guided-nc 0.2.0?): not verified", path)
+        _LOGGER.warning("%s has no checksum (written by an earlier version?): not verified", path)
     elif stored != state_checksum(state):
         raise unusable(
             "does not match the checksum stored in it: its bytes changed after it was written "

@@ -693,7 +693,7 @@ def _inferred_kind(folder: Path) -> tuple[str, str] | None:
 def folder_kind(folder: str | os.PathLike) -> tuple[str, str] | None:
     """``(kind, how it is known)`` of a folder, or None for a missing or unclaimed folder.
 
-    The kind is the word in its ``kind`` file. A folder without one (written before 0.2.0)
+    The kind is the word in its ``kind`` file. A folder without one (written by an earlier version)
     gets the kind its files show, in this order: ``device_check.json`` -> bench;
     ``checkpoint.pt`` or ``tensorboard/`` -> train; a ``config.json`` whose configuration has a
     ``preset`` -> ufm, any other ``config.json`` -> train; ``runs/`` -> compare; a folder with
