@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -546,3 +547,19 @@ def test_debug_shows_the_traceback_of_a_broken_run_file(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     debug = _cli("--debug", "compare", "--out", str(folder), "--report-only")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "RunFileError" in debug.stderr
+
+
+def test_ufm_time_steps_refuses_another_kind_and_a_config_without_a_preset(tmp_path, capsys):
+    train = fit(config(tmp_path, "T", epochs=1))
+    before = snapshot(train)
+    argv = ["ufm", "--preset", "3:6:3", "--time-steps", "1", "--out", str(train)]
+    one_line_error(capsys, argv, f"'{train}' is a train folder")
+    assert snapshot(train) == before
+    folder = tmp_path / "ufm"
+    shutil.copytree(DATA / "ufm-v0.1", folder)
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["config"]["preset"]
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "kind").write_text("ufm\n")  # a ufm folder whose config.json lost its preset
+    argv = ["ufm", "--out", str(folder), "--report-only", "--preset", "4:40:8", "--seeds", "2"]
+    one_line_error(capsys, argv, str(folder / "config.json"), "has no ['preset']")

@@ -221,8 +221,10 @@ def _time_ufm_steps(configs, folders: list[Path], steps: int) -> None:
     import numpy as np
 
     from guided_nc import ufm
-    from guided_nc.runfiles import atomic_write_json, environment_info
+    from guided_nc.runfiles import atomic_write_json, check_kind, environment_info, mark_kind
 
+    for folder in folders:
+        check_kind(folder, "ufm")
     for config, folder in zip(configs, folders, strict=True):
         times = ufm.measure_step_times(config, steps=steps)
         medians = {key: float(np.median(value)) for key, value in times.items()}
@@ -235,6 +237,7 @@ def _time_ufm_steps(configs, folders: list[Path], steps: int) -> None:
         }
         if "standard" in medians:
             result["ratio_to_standard"] = {k: v / medians["standard"] for k, v in medians.items()}
+        mark_kind(folder, "ufm")
         atomic_write_json(folder / "step_times.json", result)
         text = ", ".join(f"{key} {1000 * value:.1f} ms" for key, value in medians.items())
         ratio = result.get("ratio_to_standard", {}).get("implicit")

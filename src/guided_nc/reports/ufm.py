@@ -53,6 +53,7 @@ from guided_nc.runfiles import (
     read_config,
     read_json,
     read_long_csv,
+    unreadable,
     write_long_csv,
 )
 
@@ -327,6 +328,9 @@ def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
     check_kind(out_dir, "ufm")
     held = merge_runs(out_dir)
     saved = {**read_config(out_dir / "config.json"), **held}
+    missing = [key for key in ("preset", "temperature") if key not in saved]
+    if missing:
+        raise unreadable(out_dir / "config.json", f"it has no {missing} of a UFM experiment")
     preset = Preset(**saved["preset"])
     temperature = saved["temperature"]
     metrics = read_long_csv(out_dir / "metrics.csv")
