@@ -342,7 +342,8 @@ def test_a_full_disk_names_the_folder_and_keeps_the_old_checkpoint(tmp_path, mon
         real(self, FullDisk(stream))
 
     monkeypatch.setattr(runfiles._RecordingStream, "__init__", full)
-    with pytest.raises(DiskError, match=rf"the disk of folder '{tmp_path}' is full") as error:
+    pattern = rf"cannot write checkpoint.pt in folder '{tmp_path}': the disk is full"
+    with pytest.raises(DiskError, match=pattern) as error:
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(100)})
     assert error.value.errno == errno.ENOSPC
     monkeypatch.undo()
@@ -355,7 +356,7 @@ def test_a_read_only_disk_names_the_folder(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(runfiles.tempfile, "mkstemp", read_only)
-    with pytest.raises(DiskError, match=r"the disk of folder .* is read-only"):
+    with pytest.raises(DiskError, match=r"config.json in folder .*: the disk is read-only"):
         runfiles.atomic_write_text(tmp_path / "config.json", "{}")
 
 

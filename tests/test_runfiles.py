@@ -80,6 +80,27 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert target.read_text() == "two"
 
 
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """Durability against power loss: the new name is on disk once atomic_write returns."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(handle):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
+        return real_fsync(handle)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = report.atomic_write_text(tmp_path / "config.json", "{}")
+    folder = os.path.realpath(tmp_path)
+    assert events[-2:] == [("replace", str(target)), ("fsync", folder)]
+    assert events[0][0] == "fsync" and events[0][1].startswith(folder + "/.config.json.")
+
+
 def test_done_marker_records_the_config_digest(tmp_path):
     config = {"b": 1, "a": [1, 2], "lr": None}
     report.mark_done(tmp_path, config, wall_seconds=1.5)

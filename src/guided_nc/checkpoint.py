@@ -6,10 +6,18 @@ leaves the previous checkpoint intact.
 It is read back with ``torch.load(..., weights_only=True)``: every value stored here is a tensor,
 a number, a string, ``None`` or a list/dict of those (numpy's and Python's generator states are
 converted to tensors and lists for that reason).
+
+Every checkpoint carries a SHA-256 checksum of its contents (:func:`state_checksum`: every
+tensor's bytes, dtype and shape, every key and value, in order) under :data:`CHECKSUM_KEY`,
+and :func:`load_checkpoint` recomputes it: a flipped byte in the tensor data (which the zip
+format's CRCs do not catch when torch reads it) is refused. Checkpoints of earlier versions
+have no checksum; they load with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
 import random
 import zipfile
@@ -19,28 +27,68 @@ from typing import Any
 import numpy as np
 import torch
 
-from guided_nc.runfiles import atomic_write
+from guided_nc.runfiles import RunFileError, atomic_write
 
 __all__ = [
+    "CHECKSUM_KEY",
     "CheckpointError",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "state_checksum",
 ]
+
+#: The key under which a checkpoint stores :func:`state_checksum` of the rest of it.
+CHECKSUM_KEY = "sha256"
+
+_LOGGER = logging.getLogger("guided_nc")
+
+
+def _feed(digest, value: Any) -> None:
+    """Add ``value`` to ``digest``: a type tag, then the bytes (tensors: dtype, shape, data)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__[0]}{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # numbers, strings, None, bools: repr round-trips them exactly
+        text = repr(value)
+        digest.update(f"V{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's contents: keys, values and every tensor's bytes."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Save ``state`` with :func:`torch.save` atomically (temp file + :func:`os.replace`).
+    """Save ``state`` and its :func:`state_checksum` with :func:`torch.save`, atomically (temp
+    file, fsync, :func:`os.replace`, fsync of the folder).
 
     ``state`` must be loadable with ``weights_only=True``: tensors, numbers, strings, ``None``
-    and (nested) lists, tuples and dicts of those.
+    and (nested) lists, tuples and dicts of those; and must not use the key
+    :data:`CHECKSUM_KEY`.
     """
-    atomic_write(path, lambda file: torch.save(state, file))
+    if CHECKSUM_KEY in state:
+        raise ValueError(f"state has the key {CHECKSUM_KEY!r}, which the checksum uses; rename it")
+    stored = {**state, CHECKSUM_KEY: state_checksum(state)}
+    atomic_write(path, lambda file: torch.save(stored, file))
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: empty, truncated, foreign or missing keys."""
+class CheckpointError(RunFileError):
+    """A checkpoint that cannot be used: empty, truncated, corrupt (checksum), foreign, a
+    directory, or missing keys."""
 
 
 def load_checkpoint(
@@ -52,15 +100,14 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: one message naming the path, what is wrong (empty, truncated or
-            corrupt, objects that ``weights_only`` refuses, not a dict, missing
-            ``required_keys``) and the fix (delete it to restart, or restore it).
+        CheckpointError: one line naming the path, what is wrong (empty, truncated or corrupt,
+            contents that do not match its checksum, objects that ``weights_only`` refuses, not
+            a dict, a directory, missing ``required_keys``) and the fix (delete it to restart,
+            or restore it).
+
+    Returns the state without its checksum.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist; train without --resume first"
-        )
 
     def unusable(what: str) -> CheckpointError:
         return CheckpointError(
@@ -68,6 +115,12 @@ def load_checkpoint(
             "scratch, or restore the file from a backup"
         )
 
+    if path.is_dir():
+        raise unusable("is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; train without --resume first"
+        )
     if path.stat().st_size == 0:
         raise unusable("is empty (a write was interrupted before its first byte)")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
@@ -77,7 +130,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:200]
+        reason = " ".join(str(error).split())  # torch's whole refusal, on one line
         raise unusable(
             f"holds objects that weights_only loading refuses (not a guided-nc checkpoint?): "
             f"{reason}"
@@ -87,6 +140,14 @@ def load_checkpoint(
         raise unusable(f"is truncated or corrupt ({reason})") from error
     if not isinstance(state, dict):
         raise unusable(f"is not a guided-nc checkpoint (it holds a {type(state).__name__})")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        _LOGGER.warning("%s has no checksum (written by an earlier version?): not verified", path)
+    elif stored != state_checksum(state):
+        raise unusable(
+            "does not match the checksum stored in it: its bytes changed after it was written "
+            "(a disk or copy error)"
+        )
     missing = [key for key in required_keys if key not in state]
     if missing:
         raise unusable(f"is not a guided-nc training checkpoint (missing keys {missing})")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from guided_nc._version import __version__
 from guided_nc.catalog import DownloadFailed, MissingPackage
-from guided_nc.runfiles import DiskError, RunFolderLocked
+from guided_nc.runfiles import DiskError, RunFileError, RunFolderLocked
 
 #: Benchmarks of ``guided-nc bench``: (module, help).
 BENCHMARKS = {
@@ -40,7 +40,8 @@ DEMO_EVAL_INTERVAL = 100
 DEMO_THREADS = 1
 
 #: Errors that are the user's to fix: one line, no traceback (a bad value, a missing or
-#: unreadable file, a folder in use, a full disk, a missing optional package, a failed download).
+#: unreadable file, a broken run file, a folder in use, a full or read-only disk, a missing
+#: optional package, a failed download).
 USER_ERRORS = (
     ValueError,
     TypeError,
@@ -51,6 +52,7 @@ USER_ERRORS = (
     DiskError,
     MissingPackage,
     DownloadFailed,
+    RunFileError,
 )
 
 #: Where the documents that the help texts name are, for a user who installed with pip.
@@ -235,8 +237,10 @@ def _time_ufm_steps(configs, folders: list[Path], steps: int) -> None:
     import numpy as np
 
     from guided_nc import ufm
-    from guided_nc.runfiles import atomic_write_json, environment_info
+    from guided_nc.runfiles import atomic_write_json, check_kind, environment_info, mark_kind
 
+    for folder in folders:
+        check_kind(folder, "ufm")
     for config, folder in zip(configs, folders, strict=True):
         times = ufm.measure_step_times(config, steps=steps)
         medians = {key: float(np.median(value)) for key, value in times.items()}
@@ -249,6 +253,7 @@ def _time_ufm_steps(configs, folders: list[Path], steps: int) -> None:
         }
         if "standard" in medians:
             result["ratio_to_standard"] = {k: v / medians["standard"] for k, v in medians.items()}
+        mark_kind(folder, "ufm")
         atomic_write_json(folder / "step_times.json", result)
         text = ", ".join(f"{key} {1000 * value:.1f} ms" for key, value in medians.items())
         ratio = result.get("ratio_to_standard", {}).get("implicit")

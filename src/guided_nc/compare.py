@@ -9,6 +9,7 @@ exactly (see :meth:`guided_nc.config.TrainConfig.extends`).
 
 Folder layout (``--out``)::
 
+    kind                     "compare", written first (see guided_nc.runfiles.check_kind)
     runs/<method>/seed<k>/   one run folder each (see guided_nc.train)
     timing.json              per-head time per step and memory, measured in one process
     tables.md, tables.tex, figures/, report.md    written by the report
@@ -25,7 +26,7 @@ import torch
 from guided_nc import distributed
 from guided_nc.config import TrainConfig
 from guided_nc.methods import METHOD_VARIANTS, METHODS, TIMED_METHODS, method_variant
-from guided_nc.runfiles import atomic_write_json, read_done, run_folder
+from guided_nc.runfiles import atomic_write_json, check_kind, mark_kind, read_done, run_folder
 from guided_nc.runtime import resolve_device
 from guided_nc.timing import measure_heads as time_heads
 
@@ -67,11 +68,14 @@ def run_comparison(
     from guided_nc import train  # fit is looked up at call time (tests record the calls)
 
     out = Path(out)
+    check_kind(out, "compare")
     device_type = "cuda" if base.device == "cuda" else "cpu"
     if base.device == "auto" and torch.cuda.is_available():
         device_type = "cuda"
     created_group = distributed.init_from_environment(device_type)
     try:
+        if distributed.is_main_process():
+            mark_kind(out, "compare")  # the folder's first write
         for method in methods:
             for seed in seeds:
                 folder = run_folder(out, method, seed)

@@ -20,7 +20,13 @@ from guided_nc._checks import check_number
 from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES, unknown_name
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
 from guided_nc.optim import OPTIMIZERS, SCHEDULES
-from guided_nc.runfiles import atomic_write_json, environment_info, read_json
+from guided_nc.runfiles import (
+    RunFileError,
+    atomic_write_json,
+    environment_info,
+    read_config,
+    unreadable,
+)
 from guided_nc.runtime import DEVICES
 
 __all__ = [
@@ -327,9 +333,17 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        """Read a config written by :meth:`save` (or a plain dict of fields)."""
-        data = read_json(path)
-        return cls.from_dict(data.get("config", data))
+        """Read a config written by :meth:`save` (or a plain dict of fields).
+
+        Raises:
+            RunFileError: a broken file, or fields that are not a TrainConfig's (names the file).
+        """
+        try:
+            return cls.from_dict(read_config(path))
+        except RunFileError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise unreadable(path, f"it is not a train run's config.json ({error})") from error
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

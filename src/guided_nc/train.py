@@ -8,6 +8,7 @@ ranks, the heads and metrics sum their statistics over ranks, and only rank 0 wr
 
 Run folder (``config.out``)::
 
+    kind             "train", written first (see guided_nc.runfiles.check_kind)
     config.json      resolved TrainConfig + environment versions
     metrics.csv      one row per evaluated epoch (train/test accuracy and NC metrics)
     summary.json     time per step, peak memory, epochs run (machine-dependent numbers)
@@ -32,6 +33,7 @@ from torch import nn
 from guided_nc import distributed
 from guided_nc.catalog import CUSTOM
 from guided_nc.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -41,10 +43,13 @@ from guided_nc.config import TrainConfig
 from guided_nc.progress import LOGGER, Progress
 from guided_nc.runfiles import (
     DONE_NAME,
+    DiskError,
     RunFolderLocked,
     RunLock,
     atomic_write_json,
+    check_kind,
     mark_done,
+    mark_kind,
     remove_stale_temporaries,
     save_npy,
     write_long_csv,
@@ -266,7 +271,7 @@ def _lock_run_folder(out: Path, device: torch.device) -> RunLock | None:
         try:
             lock = RunLock(out).acquire()
             remove_stale_temporaries(out)
-        except RunFolderLocked as caught:
+        except (RunFolderLocked, DiskError) as caught:
             error = caught
     flag = torch.tensor([0.0 if error is None else 1.0], device=device)
     if distributed.all_reduce_sum(flag).item() > 0:
@@ -275,8 +280,10 @@ def _lock_run_folder(out: Path, device: torch.device) -> RunLock | None:
 
 
 def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]:
-    """Apply the resume rule; returns (the checkpoint to resume from or None, extending).
+    """Apply the kind and resume rules; returns (the checkpoint to resume from or None,
+    extending).
 
+    * a folder of another kind (a ufm or compare folder, ...) is an error;
     * without ``--resume``: a folder that holds a run (checkpoint or done) is an error;
     * ``--resume``: the checkpoint must exist, be readable and hold a run with the same
       configuration as the one requested (both the checkpoint's own copy and ``config.json``
@@ -287,6 +294,7 @@ def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]
     ``extending`` is True when a finished run is resumed with a larger ``epochs``.
     """
     out = Path(config.out)
+    check_kind(out, "train")
     checkpoint = out / CHECKPOINT_NAME
     resuming = config.resume or config.resume_or_start
     if not resuming and (checkpoint.exists() or (out / DONE_NAME).exists()):
@@ -307,6 +315,7 @@ def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]
         LOGGER.warning("--resume-or-start: %s %s; starting a new run", out, where)
         return None, False
     state = load_checkpoint(checkpoint, map_location="cpu", required_keys=CHECKPOINT_KEYS)
+    _check_finite_weights(checkpoint, state["model"])
     saved = [(f"the checkpoint {checkpoint}", TrainConfig.from_dict(state["config"]))]
     if (out / "config.json").exists():
         saved.append((str(out / "config.json"), TrainConfig.load(out / "config.json")))
@@ -323,6 +332,23 @@ def _check_run_folder(config: TrainConfig) -> tuple[dict[str, Any] | None, bool]
                 "with --schedule none) or choose another --out"
             )
     return state, config.extends(saved[0][1])
+
+
+def _check_finite_weights(path: Path, model_state: dict[str, Any]) -> None:
+    """A checkpoint whose model holds NaN or Inf cannot be resumed (training never writes one:
+    the heads and AGD refuse non-finite steps), so the file itself is at fault."""
+    bad = [
+        key
+        for key, value in model_state.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: its model holds NaN or Inf values in "
+            f"{bad[:3]}{' ...' if len(bad) > 3 else ''} (the file was changed after it was "
+            "written). Delete it to restart the run from scratch, or restore the file from a "
+            "backup"
+        )
 
 
 def _build_data(config: TrainConfig, rank: int, world_size: int, splits=None) -> _Data:
@@ -446,8 +472,7 @@ def _open_run_folder(config: TrainConfig, start_epoch: int, extending: bool):
     """Rank 0: create the folder, write config.json, open TensorBoard; returns the writer."""
     from torch.utils.tensorboard import SummaryWriter
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = mark_kind(config.out, "train")  # the folder's first write
     if extending:  # the run is unfinished again until its new last epoch
         (out / DONE_NAME).unlink(missing_ok=True)
     config.save(out / "config.json")

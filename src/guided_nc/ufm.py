@@ -10,6 +10,7 @@ training_step`, the same as for a real network.
 This module runs experiments and writes files; :mod:`guided_nc.reports.ufm` reads them. One
 preset's folder ``OUT/`` (``OUT/<preset>/`` with several presets)::
 
+    kind                         "ufm", written first (each run folder has one too)
     config.json                  the experiment's configuration and library versions
     runs/<method>/seed<s>/       config.json, metrics.csv, timings.csv, final_margins.npy, done
 
@@ -41,11 +42,13 @@ from guided_nc.progress import Progress
 from guided_nc.runfiles import (
     RunLock,
     atomic_write_json,
+    check_kind,
     config_digest,
     environment_info,
     mark_done,
+    mark_kind,
+    read_config,
     read_done,
-    read_json,
     remove_stale_temporaries,
     run_folder,
     save_npy,
@@ -305,8 +308,7 @@ def _run_is_done(folder: Path, run_config: dict[str, Any]) -> bool:
     if done is None:
         return False
     if done.get("config_digest") != config_digest(run_config):
-        saved = read_json(folder / "config.json")
-        saved = saved.get("config", saved)
+        saved = read_config(folder / "config.json")
         changed = sorted(key for key in run_config if saved.get(key) != run_config[key])
         values = ", ".join(
             f"{key}: {saved.get(key)!r} there, {run_config[key]!r} now" for key in changed
@@ -332,7 +334,7 @@ def _record_experiment(out_dir: Path, config: UFMConfig) -> None:
 
 def _merge_request(path: Path, data: dict[str, Any], config: UFMConfig) -> None:
     if path.exists():
-        saved = read_json(path).get("config", {})
+        saved = read_config(path)
         data["methods"] = [
             m for m in METHOD_VARIANTS if m in set(saved.get("methods", [])) | set(config.methods)
         ]
@@ -348,7 +350,8 @@ def run_preset(config: UFMConfig, out_dir: str | os.PathLike, progress: bool = T
     :func:`guided_nc.reports.ufm.build_report` (the command line calls it).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_kind(out_dir, "ufm")
+    mark_kind(out_dir, "ufm")  # the folder's first write
     _record_experiment(out_dir, config)
     pending = []
     # Seed-major order: an interrupted experiment has whole seeds (every method) done.
@@ -373,7 +376,8 @@ def run_preset(config: UFMConfig, out_dir: str | os.PathLike, progress: bool = T
 def _train_into(
     folder: Path, config: UFMConfig, method: str, seed: int, run_config: dict, bar: Progress
 ) -> None:
-    """Train one run and write its folder; the ``done`` marker last."""
+    """Train one run and write its folder: its kind first, the ``done`` marker last."""
+    mark_kind(folder, "ufm")
     atomic_write_json(
         folder / "config.json", {"config": run_config, "environment": environment_info()}
     )
@@ -393,4 +397,7 @@ def run_ufm(configs: list[UFMConfig], out: str | os.PathLike, progress: bool = T
     out = Path(out)
     if len(configs) == 1:
         return [run_preset(configs[0], out, progress)]
+    for folder in (out, *(out / config.preset.name for config in configs)):
+        check_kind(folder, "ufm")  # every folder, before anything is written
+    mark_kind(out, "ufm")
     return [run_preset(config, out / config.preset.name, progress) for config in configs]

@@ -347,7 +347,7 @@ SECTIONS = ("routes", "heads", "drivers", "table3", "syncs", "torchrun")
 
 def run(args: argparse.Namespace) -> int:
     """Run every section (or those not in ``--skip``); write JSON and markdown; 0 if all pass."""
-    from guided_nc.runfiles import atomic_write_json, environment_info
+    from guided_nc.runfiles import atomic_write_json, check_kind, environment_info, mark_kind
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -360,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
         "environment": {**environment_info(), "device": str(device)},
         "dry_run": args.dry_run,
     }
+    check_kind(args.out, "bench")
+    mark_kind(args.out, "bench")  # the folder's first write
     started = time.perf_counter()
     steps = {
         "routes": lambda: check_routes(device, args.dry_run),
@@ -377,7 +379,6 @@ def run(args: argparse.Namespace) -> int:
         report[section] = steps[section]()
         report.setdefault("seconds", {})[section] = time.perf_counter() - section_started
     report["total_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "device_check.json", report)
     return 0 if passed(report) else 1
 

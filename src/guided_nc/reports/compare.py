@@ -32,7 +32,7 @@ from guided_nc.reports.targets import (
     first_reached,
     seconds_at_step_cost,
 )
-from guided_nc.runfiles import atomic_write_text, find_runs, read_json
+from guided_nc.runfiles import atomic_write_text, check_kind, find_runs, load_npy, read_json
 
 __all__ = ["NC_FIGURE_METRICS", "NC_TABLE_METRICS", "write_report"]
 
@@ -69,8 +69,8 @@ def _load_runs(out: Path) -> list[dict[str, Any]]:
                 "seed": run.seed,
                 "config": config,
                 "rows": run.rows(),
-                "summary": read_json(summary_path) if summary_path.exists() else {},
-                "margins": np.load(margins_path) if margins_path.exists() else None,
+                "summary": read_json(summary_path, expect=dict) if summary_path.exists() else {},
+                "margins": load_npy(margins_path) if margins_path.exists() else None,
             }
         )
     return runs
@@ -384,6 +384,7 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
             no run evaluated (the message lists each run's epochs).
     """
     out = Path(out)
+    check_kind(out, "compare")
     runs = _load_runs(out) if (out / "runs").is_dir() else []
     if not runs:
         raise ValueError(
@@ -394,7 +395,7 @@ def write_report(out: str | Path, table_epochs: tuple[int, ...] | None = None) -
     methods = [m for m in METHOD_VARIANTS if any(run["method"] == m for run in runs)]
     epochs, notes = _table_epochs(runs, table_epochs)
     timing_path = out / "timing.json"
-    timing = read_json(timing_path) if timing_path.exists() else None
+    timing = read_json(timing_path, expect=dict) if timing_path.exists() else None
     config = runs[0]["config"]
 
     accuracy = _accuracy_table(runs, methods, epochs)

@@ -42,13 +42,18 @@ from guided_nc.reports.targets import (
     spread_at,
 )
 from guided_nc.runfiles import (
+    RUN_TEXT_COLUMNS,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_kind,
     csv_columns,
     find_runs,
+    load_npy,
+    read_config,
     read_json,
     read_long_csv,
+    unreadable,
     write_long_csv,
 )
 
@@ -124,10 +129,8 @@ def merge_runs(out_dir: str | os.PathLike) -> dict[str, list]:
     metrics, timings, margins = [], [], {}
     for run in finished:
         metrics += run.rows()
-        timings += read_long_csv(run.path / "timings.csv")
-        margins[f"{run.method}/{run.seed}"] = np.load(
-            run.path / "final_margins.npy", allow_pickle=False
-        )
+        timings += read_long_csv(run.path / "timings.csv", RUN_TEXT_COLUMNS)
+        margins[f"{run.method}/{run.seed}"] = load_npy(run.path / "final_margins.npy")
     write_long_csv(out_dir / "metrics.csv", metrics, columns)
     write_long_csv(out_dir / "timings.csv", timings, timing_columns)
     buffer = io.BytesIO()
@@ -322,8 +325,12 @@ def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
+    check_kind(out_dir, "ufm")
     held = merge_runs(out_dir)
-    saved = {**read_json(out_dir / "config.json")["config"], **held}
+    saved = {**read_config(out_dir / "config.json"), **held}
+    missing = [key for key in ("preset", "temperature") if key not in saved]
+    if missing:
+        raise unreadable(out_dir / "config.json", f"it has no {missing} of a UFM experiment")
     preset = Preset(**saved["preset"])
     temperature = saved["temperature"]
     metrics = read_long_csv(out_dir / "metrics.csv")
@@ -388,7 +395,7 @@ def build_report(out_dir: str | os.PathLike, log_x: bool = True) -> Path:
 
     step_times = out_dir / "step_times.json"
     if step_times.exists():
-        summary["interleaved_step_times"] = read_json(step_times)
+        summary["interleaved_step_times"] = read_json(step_times, expect=dict)
         _add_interleaved_seconds(summary)
         atomic_write_json(out_dir / "summary.json", summary)
     text = _preset_markdown(summary, preset, figures)
@@ -580,7 +587,7 @@ def build_scaling_report(root: str | os.PathLike, preset_dirs: Sequence[str | os
     summaries = {}
     for folder in preset_dirs:
         folder = Path(folder)
-        summary = read_json(folder / "summary.json")
+        summary = read_json(folder / "summary.json", expect=dict)
         summaries[summary["preset"]["name"]] = (folder, summary)
     order = sorted(summaries, key=lambda name: summaries[name][1]["preset"]["num_classes"])
     present = {method for _, summary in summaries.values() for method in summary["methods"]}
