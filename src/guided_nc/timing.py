@@ -26,6 +26,7 @@ from guided_nc.methods import METHOD_VARIANTS, TIMED_METHODS
 from guided_nc.models import Classifier
 from guided_nc.optim import build_optimizer
 from guided_nc.runtime import synchronize
+from guided_nc.settings import HeadSettings
 
 __all__ = [
     "LOSSES",
@@ -246,7 +247,7 @@ def measure_heads(
     repeats: int = 5,
     warmup: int = 1,
     optimizer_name: str = "agd",
-    temperature: float = 5.0,
+    settings: HeadSettings | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time per training step and memory of each method's head on the same backbone and batch.
 
@@ -259,6 +260,7 @@ def measure_heads(
         num_classes: K.
         inputs: a batch (B, ...) on the target device; labels (B,) int64 on it too.
         methods: names from :data:`guided_nc.methods.METHOD_VARIANTS`.
+        settings: the heads' settings (each method applies its own options on top).
     """
     unknown = sorted(set(methods) - set(METHOD_VARIANTS))
     if unknown:
@@ -266,7 +268,7 @@ def measure_heads(
     device = inputs.device
     runs = {}
     for name in methods:
-        head = build_head(name, backbone.num_features, num_classes, temperature=temperature)
+        head = build_head(name, backbone.num_features, num_classes, settings)
         model = Classifier(copy.deepcopy(backbone), head).to(device)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(optimizer_name, parameters, lr=0.01, weight_decay=0.0)

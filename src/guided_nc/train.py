@@ -91,22 +91,22 @@ def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.
 
 
 def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
-    """The head of ``config.method`` with the config's tau (and delta / DDN gradient, or the
-    fixed ETF's rotation: a Haar rotation is drawn from a generator seeded by ``config.seed``).
+    """The head of ``config.method`` with the config's head settings
+    (:meth:`TrainConfig.head_settings`; a Haar rotation is drawn from a generator seeded by
+    ``config.seed``), through the one builder :func:`guided_nc.heads.build_head`.
 
     The standard head has no bias (method.md section 1), whatever ``config.bias`` says: that flag
     is about the backbone's biases and norm-layer affine parameters.
     """
     from guided_nc.heads import build_head
 
-    options: dict[str, Any] = {"temperature": config.temperature}
-    if config.method == "implicit":
-        options.update(delta=config.delta, ddn_grad=config.ddn_grad)
-    if config.method == "fixed" and config.rotation != "canonical":
-        options.update(
-            rotation=config.rotation, generator=torch.Generator().manual_seed(config.seed)
-        )
-    return build_head(config.method, num_features, num_classes, **options)
+    return build_head(
+        config.method,
+        num_features,
+        num_classes,
+        config.head_settings(),
+        generator=torch.Generator().manual_seed(config.seed),
+    )
 
 
 class _OnDevice:
