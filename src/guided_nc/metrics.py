@@ -49,6 +49,7 @@ from guided_nc import distributed
 from guided_nc.etf import centering_matrix, etf_distance
 
 __all__ = [
+    "GLOBAL_MEANS",
     "MARGIN_QUANTILES",
     "METRIC_KEYS",
     "NeuralCollapseMetrics",
@@ -100,6 +101,24 @@ METRIC_KEYS: tuple[str, ...] = (
 _CHUNK_ROWS = 1024
 
 _NAN = float("nan")
+
+
+#: Conventions for the global mean mu_G that centres the class means: ``"weighted"`` (the mean
+#: of all samples, (1/N) sum_i h_i = sum_k (n_k/N) mu_k; this library's default and the paper
+#: release's) or ``"unweighted"`` (the mean of the class means, (1/K) sum_k mu_k, as
+#: rhubarbwu/neural-collapse and Papyan-style scripts). Equal for balanced classes.
+GLOBAL_MEANS = ("weighted", "unweighted")
+
+
+def check_global_mean(global_mean: str) -> str:
+    """``global_mean`` must be one of :data:`GLOBAL_MEANS`; returns it."""
+    if global_mean not in GLOBAL_MEANS:
+        raise ValueError(
+            f"global_mean={global_mean!r} is not supported; use 'weighted' (mean of all "
+            "samples, the default) or 'unweighted' (mean of the class means, as "
+            "rhubarbwu/neural-collapse)"
+        )
+    return global_mean
 
 
 # --- pure functions: one implementation per formula ---------------------------------------------
@@ -409,6 +428,13 @@ class NeuralCollapseMetrics(Metric):
         max_kept_samples: cap on kept samples per process (``None``: no cap). The default, 100000,
             holds CIFAR's training set (100000 x 512 float32 features = 205 MB).
         device: where the states live (features are moved there); ``metric.to(device)`` also works.
+        global_mean: mu_G, which centres the class means (Hbar, hence nc1, nc2_h, nc3, cv_h,
+            etf_distance, bias_collapse and the margins): ``"weighted"`` (default: the mean of
+            all samples) or ``"unweighted"`` (the mean of the class means, to match
+            rhubarbwu/neural-collapse); the same for balanced classes (:data:`GLOBAL_MEANS`).
+        persistent: keep the statistics in ``state_dict`` (and so in every checkpoint of a model
+            that holds the metric; d x d + 2 K x d float64, 65 MB at K = 1000, d = 2048). Off by
+            default, as torchmetrics' states; the kept per-sample features are never saved.
 
     Shape:
         update / forward: features (B, d) float, labels (B,) int in [0, K), logits (B, K) float or
@@ -427,7 +453,11 @@ class NeuralCollapseMetrics(Metric):
         dim: int,
         max_kept_samples: int | None = 100_000,
         device: torch.device | str | None = None,
+        *,
+        global_mean: str = "weighted",
+        persistent: bool = False,
     ) -> None:
+        check_global_mean(global_mean)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -446,27 +476,37 @@ class NeuralCollapseMetrics(Metric):
         self.num_classes = num_classes
         self.dim = dim
         self.max_kept_samples = max_kept_samples
+        self.global_mean = global_mean
         self._dtype = STATISTICS_DTYPE
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=STATISTICS_DTYPE)
 
-        self.add_state("class_counts", zeros(num_classes), dist_reduce_fx="sum", persistent=True)
+        persistent = bool(persistent)
+        self.add_state(
+            "class_counts", zeros(num_classes), dist_reduce_fx="sum", persistent=persistent
+        )
         self.add_state(
             "class_shifts",
             zeros(num_classes, dim),
             dist_reduce_fx=_reduced_only_by_sync_dist,
-            persistent=True,
+            persistent=persistent,
         )
         self.add_state(
-            "shifted_class_sums", zeros(num_classes, dim), dist_reduce_fx="sum", persistent=True
+            "shifted_class_sums",
+            zeros(num_classes, dim),
+            dist_reduce_fx="sum",
+            persistent=persistent,
         )
         self.add_state(
-            "shifted_second_moment", zeros(dim, dim), dist_reduce_fx="sum", persistent=True
+            "shifted_second_moment", zeros(dim, dim), dist_reduce_fx="sum", persistent=persistent
         )
         for name in _SCALAR_STATES:
             self.add_state(
-                name, zeros(), dist_reduce_fx="sum", persistent=name != "restored_samples"
+                name,
+                zeros(),
+                dist_reduce_fx="sum",
+                persistent=persistent and name != "restored_samples",
             )
         for name in _KEPT_STATES:
             self.add_state(name, [], dist_reduce_fx=_reduced_only_by_sync_dist, persistent=False)
@@ -476,7 +516,7 @@ class NeuralCollapseMetrics(Metric):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, dim={self.dim}, "
-            f"max_kept_samples={self.max_kept_samples}"
+            f"max_kept_samples={self.max_kept_samples}, global_mean={self.global_mean!r}"
         )
 
     @property
@@ -627,7 +667,11 @@ class NeuralCollapseMetrics(Metric):
             setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
         self.update(features, labels, logits)
         batch = NeuralCollapseMetrics(
-            self.num_classes, self.dim, max_kept_samples=None, device=self.device
+            self.num_classes,
+            self.dim,
+            max_kept_samples=None,
+            device=self.device,
+            global_mean=self.global_mean,
         )
         batch.update(features, labels, logits)
         if batch.num_samples == 0:
@@ -700,10 +744,14 @@ class NeuralCollapseMetrics(Metric):
         scatter = torch.addmm(self.shifted_second_moment, scaled.T, scaled, alpha=-1.0)
         values = torch.stack([getattr(self, name) for name in _SCALAR_STATES]).tolist()
         scalars = dict(zip(_SCALAR_STATES, values, strict=True))
+        if self.global_mean == "unweighted":  # (1/K) sum_k mu_k over the classes seen
+            global_mean = class_means[seen.squeeze(1)].mean(dim=0)
+        else:  # (1/N) sum_i h_i
+            global_mean = raw_sums.sum(dim=0) / num_samples
         return _Statistics(
             counts=counts,
             class_means=class_means,
-            global_mean=raw_sums.sum(dim=0) / num_samples,
+            global_mean=global_mean,
             within_class_covariance=scatter.div_(num_samples),
             num_samples=num_samples,
             **scalars,
@@ -805,9 +853,20 @@ class NeuralCollapseMetrics(Metric):
         features are not in a state_dict, so the loaded samples count as restored without
         features: ``compute`` gives NaN per-sample measures and a warning that says so.
         """
+        persistent = [name for name in self._defaults if self._persistent[name]]
+        if not persistent:  # persistent=False (the default): nothing of this metric is saved
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+            return
         loaded: dict[str, torch.Tensor] = {}
         problems: list[str] = []
-        persistent = [name for name in self._defaults if self._persistent[name]]
         for name in persistent:
             key = prefix + name
             if key not in state_dict:
@@ -1125,6 +1184,7 @@ def collect_metrics(
     *,
     progress: bool = True,
     return_margins: bool = False,
+    global_mean: str = "weighted",
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Neural-collapse metrics of a whole split in two passes, memory independent of N.
 
@@ -1147,10 +1207,12 @@ def collect_metrics(
         progress: show tqdm bars (rank 0 only; tqdm also hides them when not on a terminal).
         return_margins: also return the per-sample cosine margins (N,) float64 (all ranks'
             samples, in rank order), e.g. for their distribution (paper Fig. 15c).
+        global_mean: the convention for mu_G, as in :class:`NeuralCollapseMetrics`.
 
     Returns:
         the dict of :meth:`NeuralCollapseMetrics.compute` (and the margins, if asked).
     """
+    check_global_mean(global_mean)
     show = progress and distributed.is_main_process()
 
     def batches(description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -1166,7 +1228,11 @@ def collect_metrics(
             if metric is None:
                 dim = features.shape[-1] if isinstance(features, torch.Tensor) else 0
                 metric = NeuralCollapseMetrics(
-                    num_classes, dim, max_kept_samples=0, device=features.device
+                    num_classes,
+                    dim,
+                    max_kept_samples=0,
+                    device=features.device,
+                    global_mean=global_mean,
                 )
             metric.update(features, labels, logits)
         if metric is None:
