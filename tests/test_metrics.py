@@ -905,3 +905,31 @@ def test_statistics_enter_a_checkpoint_only_when_asked():
     saved = model.state_dict()
     assert {"metric.class_counts", "metric.shifted_second_moment"} <= set(saved)
     assert not any(key.startswith("metric.kept_") for key in saved)
+
+
+def test_a_scalar_metric_with_its_classifier_logs_like_a_torchmetrics_scalar():
+    # Lightning's self.log(name, metric) calls compute() with no arguments, then reset().
+    features, labels, weight, bias, logits = random_problem(3, 4, [7, 8, 9], seed=22)
+    head = torch.nn.Linear(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    full = NeuralCollapseMetrics(3, 4, classifier=head)
+    scalars = {
+        key: NeuralCollapseMetrics(3, 4, classifier=head, scalar=key)
+        for key in ("nc1", "nc3", "margin_median")
+    }
+    for metric in (full, *scalars.values()):
+        metric.update(features, labels, logits)
+    truth = brute_force_metrics(features, labels, 3, weight, bias, logits)
+    assert_metrics_close(full.compute(), truth)
+    for key, metric in scalars.items():
+        value = metric.compute()
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+        assert value.item() == pytest.approx(truth[key], rel=1e-9, abs=1e-12)
+    assert "head" not in dict(full.named_children())
+    assert not any(name.startswith("_classifier") for name, _ in full.named_parameters())
+    with pytest.raises(ValueError, match=r"scalar='nc9' is not a metric key"):
+        NeuralCollapseMetrics(3, 4, scalar="nc9")
+    with pytest.raises(ValueError, match=r"scalar='acc5' needs num_classes >= 5"):
+        NeuralCollapseMetrics(3, 4, scalar="acc5")

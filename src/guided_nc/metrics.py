@@ -432,6 +432,12 @@ class NeuralCollapseMetrics(Metric):
             etf_distance, bias_collapse and the margins): ``"weighted"`` (default: the mean of
             all samples) or ``"unweighted"`` (the mean of the class means, to match
             rhubarbwu/neural-collapse); the same for balanced classes (:data:`GLOBAL_MEANS`).
+        classifier: the head (a module with ``weight`` (K, d) and ``bias`` (K,) or None) whose
+            current classifier :meth:`compute` uses when called without ``weight``/``bias``
+            (held by reference, not as a child module).
+        scalar: a key of :data:`METRIC_KEYS`: :meth:`compute` returns that key alone as a 0-d
+            float64 tensor (for Lightning's ``self.log(name, metric)``); None (default): the
+            dict of every key (``self.log_dict(metric.compute(...))``).
         persistent: keep the statistics in ``state_dict`` (and so in every checkpoint of a model
             that holds the metric; d x d + 2 K x d float64, 65 MB at K = 1000, d = 2048). Off by
             default, as torchmetrics' states; the kept per-sample features are never saved.
@@ -456,10 +462,24 @@ class NeuralCollapseMetrics(Metric):
         *,
         global_mean: str = "weighted",
         persistent: bool = False,
+        classifier: torch.nn.Module | None = None,
+        scalar: str | None = None,
     ) -> None:
         check_global_mean(global_mean)
+        if scalar is not None and scalar not in METRIC_KEYS:
+            raise ValueError(
+                f"scalar={scalar!r} is not a metric key; use one of {list(METRIC_KEYS)} (or None "
+                "for the dict of every key)"
+            )
+        if classifier is not None and not hasattr(classifier, "weight"):
+            raise TypeError(
+                f"classifier={type(classifier).__name__} has no weight; pass the head (a module "
+                "with weight (K, d) and bias (K,) or None)"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+        if scalar == "acc5" and num_classes < 5:
+            raise ValueError(f"scalar='acc5' needs num_classes >= 5, got {num_classes}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim={dim!r} must be a positive integer (the feature width)")
         if max_kept_samples is not None and (
@@ -477,6 +497,9 @@ class NeuralCollapseMetrics(Metric):
         self.dim = dim
         self.max_kept_samples = max_kept_samples
         self.global_mean = global_mean
+        self.scalar = scalar
+        # A reference, not a child module: the head's parameters belong to the model.
+        self.__dict__["_classifier"] = classifier
         self._dtype = STATISTICS_DTYPE
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -517,6 +540,7 @@ class NeuralCollapseMetrics(Metric):
         return (
             f"num_classes={self.num_classes}, dim={self.dim}, "
             f"max_kept_samples={self.max_kept_samples}, global_mean={self.global_mean!r}"
+            + ("" if self.scalar is None else f", scalar={self.scalar!r}")
         )
 
     @property
@@ -606,8 +630,13 @@ class NeuralCollapseMetrics(Metric):
 
     def compute(
         self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | torch.Tensor:
         """Every metric of the samples seen on all processes (collective under torch.distributed).
+
+        With ``classifier=head`` given to the constructor, ``weight``/``bias`` default to the
+        head's current ones; with ``scalar="nc1"`` (any key) the result is that key alone, as a
+        0-d float64 tensor, so that Lightning's ``self.log("val_nc1", metric)`` works (it calls
+        ``compute()`` with no arguments at the epoch's end, then ``reset()``).
 
         torchmetrics syncs the states (:meth:`_sync_dist`) before this runs and restores this
         process's own states after; all arithmetic is float64.
@@ -628,8 +657,14 @@ class NeuralCollapseMetrics(Metric):
             RuntimeError: no sample was seen on any process.
             ValueError: a class has no samples; weight or bias of the wrong shape or non-finite.
         """
+        classifier = self.__dict__.get("_classifier")
+        if weight is None and bias is None and classifier is not None:
+            weight, bias = classifier.weight, getattr(classifier, "bias", None)
         try:
-            return self._evaluate(weight, bias, collective=self._is_synced, every_class=True)
+            results = self._evaluate(weight, bias, collective=self._is_synced, every_class=True)
+            if self.scalar is None:
+                return results
+            return torch.tensor(results[self.scalar], dtype=STATISTICS_DTYPE)
         except BaseException:
             # torchmetrics' sync_context does not restore the local states when compute raises;
             # without this a bad weight would leave the global states in place for later updates.
