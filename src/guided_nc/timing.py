@@ -35,6 +35,7 @@ __all__ = [
     "build_optimizer_for",
     "check_deferred",
     "measure_heads",
+    "skip_rejected",
     "summarize_times",
     "time_steps",
     "training_step",
@@ -110,11 +111,39 @@ def check_deferred(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     host synchronisation; this reads the counters (one host read each). The training loops
     call it once per epoch (``train``) or per iteration (``ufm``, on the CPU).
     """
-    for module in model.modules():
-        if module is not model and callable(getattr(module, "check", None)):
-            module.check()
+    for checkable in _checkables(model, optimizer):
+        checkable.check()
+
+
+def skip_rejected(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Clear the deferred rejections of the heads and AGD and return them, without raising.
+
+    For a loop that should go on past a non-finite batch (e.g. a Lightning callback's
+    ``on_train_batch_end``, examples/lightning_ddp.py): with ``validation="deferred"`` on the
+    head and on AGD a bad batch changes no state (the head's buffers and the parameters stay
+    as they were: the step is skipped), and this reads and resets the counters (one host read
+    each) so that the next ``train()``/``eval()`` does not raise. Under DDP every rank rejects
+    the same batches (the flags are all-reduced), so every rank returns the same list.
+
+    Returns:
+        the messages :meth:`check` would have raised, one per head or optimiser that rejected
+        something since the last call (empty: nothing was rejected).
+    """
+    messages = []
+    for checkable in _checkables(model, optimizer):
+        try:
+            checkable.check()
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+def _checkables(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
+    """The submodules of ``model`` and the optimiser that have a deferred ``check()``."""
+    found = [m for m in model.modules() if m is not model and callable(getattr(m, "check", None))]
     if optimizer is not None and callable(getattr(optimizer, "check", None)):
-        optimizer.check()
+        found.append(optimizer)
+    return found
 
 
 def build_optimizer_for(config: Any, model: nn.Module) -> torch.optim.Optimizer:
