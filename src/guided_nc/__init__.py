@@ -41,6 +41,7 @@ _LAZY = {
     "ce_lower_bound": "guided_nc.metrics",
     "collect_metrics": "guided_nc.metrics",
     "FitResult": "guided_nc.train",
+    "load_run": "guided_nc.train",
     "train_model": "guided_nc.train",
 }
 
@@ -75,6 +76,7 @@ __all__ = [
     "etf_classifier",
     "etf_distance",
     "haar_stiefel",
+    "load_run",
     "nearest_etf",
     "normalize_features",
     "orthogonal_init_",
