@@ -124,3 +124,23 @@ def test_import_guided_nc_loads_neither_lightning_nor_timm():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert printed.strip() == "[]"
+
+
+def test_head_settings_and_options_reach_the_new_head():
+    from guided_nc.settings import HeadSettings
+
+    settings = HeadSettings(temperature=2.0, solver="svd", validation="deferred", delta=0.01)
+    model = guided_nc.replace_classifier(
+        nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), "implicit", settings=settings
+    )
+    head = model.head
+    assert (head.temperature, head.solver, head.validation, head.delta) == (
+        2.0,
+        "svd",
+        "deferred",
+        0.01,
+    )
+    with pytest.raises(ValueError, match=r"ddn_grad=True conflicts with method='implicit-no-ddn'"):
+        guided_nc.replace_classifier(
+            nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), "implicit-no-ddn", ddn_grad=True
+        )
