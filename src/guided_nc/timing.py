@@ -149,8 +149,9 @@ def _checkables(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> li
 def build_optimizer_for(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     """The optimiser a run's configuration asks for, over ``model``'s trainable parameters.
 
-    ``config`` is a :class:`guided_nc.config.TrainConfig` or :class:`~guided_nc.config.
-    UFMConfig`: both name ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` and ``gain``.
+    ``config`` is a :class:`guided_nc.settings.OptimizerSettings`, or a run configuration that
+    inherits its fields (:class:`guided_nc.config.TrainConfig`, :class:`~guided_nc.config.
+    UFMConfig`): ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` and ``gain``.
     """
     return build_optimizer(
         config.optimizer,
