@@ -464,6 +464,11 @@ class UFMConfig(OptimizerSettings, HeadSettings):
     """
 
     preset: Preset = field(metadata={"cli": False})
+    #: OptimizerSettings' field with the UFM's choices (no "step": it has no epochs to step at).
+    schedule: str = field(
+        default="none",
+        metadata={"choices": ("none", "cosine"), "help": "learning-rate schedule, per step"},
+    )
     methods: tuple[str, ...] = field(
         default=METHODS,
         metadata={
@@ -515,11 +520,7 @@ class UFMConfig(OptimizerSettings, HeadSettings):
                     f"batch_size=None (or 0 on the command line) for full batches"
                 )
         check_head_settings(self)
-        check_optimizer_settings(self)
-        if self.schedule not in ("none", "cosine"):
-            raise ValueError(
-                f"schedule={self.schedule!r} is not supported by the UFM; use 'none' or 'cosine'"
-            )
+        check_optimizer_settings(self)  # schedule: the UFM's narrower choices (field above)
 
     @property
     def full_batch(self) -> bool:
