@@ -54,6 +54,7 @@ from guided_nc.nc_statistics import (
     Statistics,
     bias_collapse,
     ce_lower_bound,
+    check_batch,
     check_classifier,
     check_global_mean,
     coefficient_of_variation,
@@ -65,6 +66,7 @@ from guided_nc.nc_statistics import (
     nearest_class_centre,
     ordered_metrics,
     per_sample_metrics,
+    shifted_batch,
     statistics_from_sums,
     sum_over_processes,
 )
@@ -341,14 +343,9 @@ class NeuralCollapseMetrics(Metric):
         device = self.class_counts.device
         values = features.detach().to(device=device, dtype=STATISTICS_DTYPE)
         labels = labels.detach().to(device=device, dtype=torch.long)
-        batch_counts = torch.bincount(labels, minlength=self.num_classes).to(STATISTICS_DTYPE)
-        first_seen = (self.class_counts == 0) & (batch_counts > 0)
-        shifts = self.class_shifts
-        if first_seen.any():  # new classes: their shift is their mean in this batch
-            batch_sums = torch.zeros_like(self.shifted_class_sums).index_add_(0, labels, values)
-            batch_means = batch_sums / batch_counts.clamp(min=1).unsqueeze(1)
-            shifts = torch.where(first_seen.unsqueeze(1), batch_means, self.class_shifts)
-        shifted = values - shifts[labels]
+        batch_counts, shifts, shifted = shifted_batch(
+            values, labels, self.class_counts, self.class_shifts
+        )
         predictions = None
         if logits is not None:
             logits = logits.detach().to(device)
@@ -686,50 +683,7 @@ class NeuralCollapseMetrics(Metric):
     def _check_batch(
         self, features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None
     ) -> None:
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-            kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
-            raise TypeError(f"features must be a floating-point torch.Tensor, got {kind}")
-        if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(
-                f"features must have shape (batch, dim={self.dim}), got "
-                f"{tuple(features.shape)}; pass the head's (batch, {self.dim}) features or build "
-                f"the metric with dim={features.shape[-1] if features.dim() else 1}"
-            )
-        batch = features.shape[0]
-        if (
-            not isinstance(labels, torch.Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise TypeError(f"labels must be an integer torch.Tensor of class indices, got {kind}")
-        if labels.shape != (batch,):
-            raise ValueError(
-                f"labels must have shape ({batch},) to match features, got {tuple(labels.shape)}"
-            )
-        if batch and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:5].tolist()
-            raise ValueError(
-                f"labels {bad} are out of range for num_classes={self.num_classes}; labels must "
-                f"be in [0, {self.num_classes - 1}]"
-            )
-        if not torch.isfinite(features).all():
-            raise ValueError(
-                "features contain NaN or Inf; the batch was rejected and the metric state is "
-                "unchanged (check the backbone output)"
-            )
-        if logits is not None:
-            if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-                kind = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise TypeError(f"logits must be a floating-point torch.Tensor or None, got {kind}")
-            if logits.shape != (batch, self.num_classes):
-                raise ValueError(
-                    f"logits must have shape (batch, num_classes) = ({batch}, "
-                    f"{self.num_classes}), got {tuple(logits.shape)}"
-                )
-            if not torch.isfinite(logits).all():
-                raise ValueError("logits contain NaN or Inf; the batch was rejected")
+        check_batch(features, labels, logits, self.num_classes, self.dim)
         seen = self.class_counts.sum().item()
         if seen > 0 and (logits is not None) != (self.samples_with_logits.item() > 0):
             had = "with" if self.samples_with_logits.item() > 0 else "without"

@@ -38,6 +38,7 @@ __all__ = [
     "Statistics",
     "bias_collapse",
     "ce_lower_bound",
+    "check_batch",
     "check_classifier",
     "check_global_mean",
     "coefficient_of_variation",
@@ -49,6 +50,7 @@ __all__ = [
     "nearest_class_centre",
     "ordered_metrics",
     "per_sample_metrics",
+    "shifted_batch",
     "statistics_from_sums",
     "sum_over_processes",
 ]
@@ -314,6 +316,28 @@ def statistics_from_sums(
     )
 
 
+def shifted_batch(
+    values: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, shifts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's contribution to the shifted sums, without touching the running sums.
+
+    A class seen for the first time gets its mean in this batch as its shift ``s_k`` (a
+    class-mean estimate, which keeps the shifted sums of the within-class size); the others keep
+    theirs. Returns ``(batch_counts, shifts, shifted)``: then ``T += index_add(shifted)``,
+    ``C += shifted^T shifted`` and ``counts += batch_counts``.
+
+    Shape: values (B, d) float64, labels (B,) int64, counts (K,), shifts (K, d) -> (K,),
+    (K, d) (the same tensor when no class is new), (B, d); float64.
+    """
+    batch_counts = torch.bincount(labels, minlength=counts.numel()).to(STATISTICS_DTYPE)
+    first_seen = (counts == 0) & (batch_counts > 0)
+    if first_seen.any():  # new classes: their shift is their mean in this batch
+        batch_sums = torch.zeros_like(shifts).index_add_(0, labels, values)
+        batch_means = batch_sums / batch_counts.clamp(min=1).unsqueeze(1)
+        shifts = torch.where(first_seen.unsqueeze(1), batch_means, shifts)
+    return batch_counts, shifts, values - shifts[labels]
+
+
 def sum_over_processes(
     counts: torch.Tensor,
     shifts: torch.Tensor,
@@ -365,6 +389,62 @@ def sum_over_processes(
 
 
 # --- the statistics' metrics and the per-sample route ---------------------------------------------
+
+
+def check_batch(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor | None,
+    num_classes: int,
+    dim: int,
+) -> None:
+    """TypeError/ValueError (one line, naming the argument and the fix) unless ``features`` is a
+    finite floating (B, dim) tensor, ``labels`` an integer (B,) tensor in [0, K) and ``logits``
+    None or a finite floating (B, K) tensor."""
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+        kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
+        raise TypeError(f"features must be a floating-point torch.Tensor, got {kind}")
+    if features.dim() != 2 or features.shape[1] != dim:
+        raise ValueError(
+            f"features must have shape (batch, dim={dim}), got "
+            f"{tuple(features.shape)}; pass the head's (batch, {dim}) features or build "
+            f"the metric with dim={features.shape[-1] if features.dim() else 1}"
+        )
+    batch = features.shape[0]
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer torch.Tensor of class indices, got {kind}")
+    if labels.shape != (batch,):
+        raise ValueError(
+            f"labels must have shape ({batch},) to match features, got {tuple(labels.shape)}"
+        )
+    if batch and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique()[:5].tolist()
+        raise ValueError(
+            f"labels {bad} are out of range for num_classes={num_classes}; labels must "
+            f"be in [0, {num_classes - 1}]"
+        )
+    if not torch.isfinite(features).all():
+        raise ValueError(
+            "features contain NaN or Inf; the batch was rejected and the metric state is "
+            "unchanged (check the backbone output)"
+        )
+    if logits is not None:
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            kind = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise TypeError(f"logits must be a floating-point torch.Tensor or None, got {kind}")
+        if logits.shape != (batch, num_classes):
+            raise ValueError(
+                f"logits must have shape (batch, num_classes) = ({batch}, "
+                f"{num_classes}), got {tuple(logits.shape)}"
+            )
+        if not torch.isfinite(logits).all():
+            raise ValueError("logits contain NaN or Inf; the batch was rejected")
 
 
 def check_classifier(
