@@ -33,14 +33,17 @@ LAYERS = (
     ),
     ("maths", {"etf"}),
     ("solvers", {"solvers"}),  # registers itself with etf: the arrow runs solvers -> etf
-    ("library", {"heads", "metrics", "optim", "sampler", "models", "data"}),
+    (
+        "library",
+        {"settings", "heads", "nc_statistics", "metrics", "optim", "sampler", "models", "data"},
+    ),
     ("files", {"runfiles", "checkpoint", "config"}),
     ("step", {"timing"}),
     ("runs", {"ufm", "train", "compare", "bench"}),
     ("reports", {"reports"}),
     ("interface", {"cli", "__init__"}),
 )
-MATHS = {"etf", "solvers", "heads", "metrics", "optim"}
+MATHS = {"etf", "solvers", "settings", "heads", "nc_statistics", "metrics", "optim"}
 RUNS = {"ufm", "train", "compare", "bench", "timing"}
 
 

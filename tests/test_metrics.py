@@ -35,14 +35,20 @@ WEIGHT_KEYS = ["nc2_w", "nc3", "cv_w", "equinorm", "bias_collapse"]
 # --- the oracle -----------------------------------------------------------------------------------
 
 
-def brute_force_metrics(features, labels, num_classes, weight=None, bias=None, logits=None):
-    """Every metric straight from its definition: numpy float64, explicit loops."""
+def brute_force_metrics(
+    features, labels, num_classes, weight=None, bias=None, logits=None, convention="weighted"
+):
+    """Every metric straight from its definition: numpy float64, explicit loops.
+
+    ``convention``: the global mean is the mean of all samples ("weighted") or of the class
+    means ("unweighted", as rhubarbwu/neural-collapse).
+    """
     h = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     n, d = h.shape
     k_count = num_classes
     means = np.stack([h[y == k].mean(axis=0) for k in range(k_count)])
-    global_mean = h.mean(axis=0)
+    global_mean = h.mean(axis=0) if convention == "weighted" else means.mean(axis=0)
     sigma_w = np.zeros((d, d))
     for i in range(n):
         diff = h[i] - means[y[i]]
@@ -391,15 +397,15 @@ def test_memory_cap_drops_per_sample_measures_with_a_warning():
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")  # tested order
 def test_reset_and_state_dict_round_trip():
     features, labels, weight, _, logits = random_problem(3, 4, [6, 7, 8], seed=9)
-    metric = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    metric = NeuralCollapseMetrics(3, 4, max_kept_samples=0, persistent=True)
     metric.update(features[:10], labels[:10], logits[:10])
-    restored = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    restored = NeuralCollapseMetrics(3, 4, max_kept_samples=0, persistent=True)
     restored.load_state_dict(metric.state_dict())
     for m in (metric, restored):
         m.update(features[10:], labels[10:], logits[10:])
     assert_metrics_close(restored.compute(weight), metric.compute(weight), rtol=0, atol=0)
     # With per-sample measures on, the loaded samples' features are missing: NaN and a warning.
-    keeping = NeuralCollapseMetrics(3, 4)
+    keeping = NeuralCollapseMetrics(3, 4, persistent=True)
     keeping.update(features, labels, logits)
     keeping.load_state_dict(metric.state_dict())
     with pytest.warns(UserWarning, match="collect_metrics"):
@@ -470,10 +476,10 @@ def test_forward_returns_the_batch_metrics_and_accumulates_the_split(dtype):
     for key in CLASS_MEAN_KEYS + WEIGHT_KEYS + PER_SAMPLE_KEYS:
         assert math.isnan(batch[key]), key
     # An empty batch: n = 0, the state does not move.
-    before = {k: v.clone() for k, v in metric.state_dict().items()}
+    before = {k: v.clone() for k, v in _tensor_states(metric).items()}
     empty = metric(features[:0], labels[:0], logits[:0])
     assert empty["n"] == 0.0 and math.isnan(empty["nc1"]) and math.isnan(empty["acc1"])
-    assert all(torch.equal(v, before[k]) for k, v in metric.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in _tensor_states(metric).items())
     # The state accumulated every batch given to forward (class-2 samples of the first 16 only).
     seen = torch.cat([every_class, lacking])
     truth = brute_force_metrics(
@@ -606,9 +612,9 @@ def test_sync_converts_to_the_common_shift_and_unsync_restores_the_local_state()
 def test_restored_samples_warning_says_what_happened():
     # Issue 11 item 2: 200 samples restored from a state_dict, the default cap of 100000.
     features, labels, weight, bias, logits = random_problem(4, 5, [50] * 4, seed=36)
-    saved = NeuralCollapseMetrics(4, 5)
+    saved = NeuralCollapseMetrics(4, 5, persistent=True)
     saved.update(features, labels, logits)
-    restored = NeuralCollapseMetrics(4, 5)
+    restored = NeuralCollapseMetrics(4, 5, persistent=True)
     restored.load_state_dict(saved.state_dict())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -645,12 +651,12 @@ def test_restored_samples_warning_says_what_happened():
 
 def test_load_state_dict_checks_shapes_and_copies_as_float64():
     features, labels, _, _, _ = random_problem(3, 4, [6, 6, 6], seed=37)
-    metric = NeuralCollapseMetrics(3, 4)
+    metric = NeuralCollapseMetrics(3, 4, persistent=True)
     metric.update(features, labels)
     state = metric.state_dict()
     snapshot = {k: v.clone() for k, v in state.items()}
     # float32 statistics are loaded as float64 copies: updating never writes into `state`.
-    loaded = NeuralCollapseMetrics(3, 4, max_kept_samples=0)
+    loaded = NeuralCollapseMetrics(3, 4, max_kept_samples=0, persistent=True)
     loaded.load_state_dict({k: v.float() for k, v in state.items()})
     assert all(v.dtype == torch.float64 for v in _tensor_states(loaded).values())
     loaded.load_state_dict(state)
@@ -658,7 +664,7 @@ def test_load_state_dict_checks_shapes_and_copies_as_float64():
     assert all(torch.equal(v, snapshot[k]) for k, v in state.items())
     assert loaded.num_samples == 2 * len(labels)
     # Another K: rejected, and the metric is unchanged.
-    other = NeuralCollapseMetrics(4, 4)
+    other = NeuralCollapseMetrics(4, 4, persistent=True)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(
         RuntimeError,
@@ -669,9 +675,9 @@ def test_load_state_dict_checks_shapes_and_copies_as_float64():
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     incomplete = {k: v for k, v in state.items() if k != "class_shifts"}
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "class_shifts"'):
-        NeuralCollapseMetrics(3, 4).load_state_dict(incomplete)
+        NeuralCollapseMetrics(3, 4, persistent=True).load_state_dict(incomplete)
     with pytest.raises(RuntimeError, match=r"class_counts must be a floating-point tensor"):
-        NeuralCollapseMetrics(3, 4).load_state_dict(
+        NeuralCollapseMetrics(3, 4, persistent=True).load_state_dict(
             {**state, "class_counts": state["class_counts"].long()}
         )
 
@@ -696,12 +702,12 @@ def test_torchmetrics_hooks_that_are_not_supported_say_so():
 
 
 def _snapshot(metric):
-    return {k: v.clone() for k, v in metric.state_dict().items()}, metric.num_kept_samples
+    return {k: v.clone() for k, v in _tensor_states(metric).items()}, metric.num_kept_samples
 
 
 def _assert_unchanged(metric, snapshot):
     state, kept = snapshot
-    for key, value in metric.state_dict().items():
+    for key, value in _tensor_states(metric).items():
         assert torch.equal(value, state[key]), key
     assert metric.num_kept_samples == kept
 
@@ -840,3 +846,90 @@ def test_a_compute_that_fails_while_synced_restores_the_local_states(monkeypatch
     assert_metrics_close(metric.compute(weight, bias), expected)
     for key, value in _tensor_states(metric).items():
         assert torch.equal(value, local[key]), key
+
+
+# --- conventions and checkpoints (issue 19) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", ["weighted", "unweighted"])
+def test_both_global_mean_conventions_match_brute_force_under_imbalance(convention):
+    # K = 2 with 100 / 900 samples: the weighted mean sits near the big class, so Hbar's columns
+    # have norms in ratio 9 : 1 (nc2_h, cv_h large); the unweighted mean is the midpoint of the
+    # two class means (Hbar = [a, -a]: nc2_h = 0, cv_h = 0), as in rhubarbwu/neural-collapse.
+    features, labels, weight, bias, logits = random_problem(2, 6, [100, 900], seed=19)
+    metric = NeuralCollapseMetrics(2, 6, global_mean=convention)
+    metric.update(features, labels, logits)
+    result = metric.compute(weight, bias)
+    truth = brute_force_metrics(features, labels, 2, weight, bias, logits, convention=convention)
+    assert_metrics_close(result, truth, rtol=1e-9, atol=1e-10)
+    loader = _Loader(features, labels, batch_size=128)
+    two_pass = collect_metrics(
+        lambda x: x, loader, 2, weight, bias, progress=False, global_mean=convention
+    )
+    truth_without_logits = brute_force_metrics(
+        features, labels, 2, weight, bias, convention=convention
+    )
+    assert_metrics_close(two_pass, truth_without_logits, rtol=1e-9, atol=1e-10)
+    if convention == "unweighted":
+        assert result["nc2_h"] == pytest.approx(0.0, abs=1e-12)
+        assert result["cv_h"] == pytest.approx(0.0, abs=1e-12)
+    else:
+        assert result["nc2_h"] > 0.5 and result["cv_h"] > 0.5
+    assert f"global_mean={convention!r}" in repr(metric)
+
+
+def test_balanced_classes_give_the_same_numbers_in_both_conventions():
+    features, labels, weight, bias, logits = random_problem(3, 5, [20, 20, 20], seed=20)
+    results = []
+    for convention in ("weighted", "unweighted"):
+        metric = NeuralCollapseMetrics(3, 5, global_mean=convention)
+        metric.update(features, labels, logits)
+        results.append(metric.compute(weight, bias))
+    assert_metrics_close(results[0], results[1], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"global_mean='mean' is not supported"):
+        NeuralCollapseMetrics(3, 5, global_mean="mean")
+
+
+def test_statistics_enter_a_checkpoint_only_when_asked():
+    features, labels, _, _, _ = random_problem(3, 4, [5, 5, 5], seed=21)
+    model = torch.nn.Module()
+    model.layer = torch.nn.Linear(4, 3)
+    model.metric = NeuralCollapseMetrics(3, 4)
+    model.metric.update(features, labels)
+    assert set(model.state_dict()) == {"layer.weight", "layer.bias"}
+    # Loading a checkpoint of the model leaves the metric's running state alone.
+    model.load_state_dict(model.state_dict())
+    assert model.metric.num_samples == 15 and model.metric.num_kept_samples == 15
+    model.metric = NeuralCollapseMetrics(3, 4, persistent=True)
+    model.metric.update(features, labels)
+    saved = model.state_dict()
+    assert {"metric.class_counts", "metric.shifted_second_moment"} <= set(saved)
+    assert not any(key.startswith("metric.kept_") for key in saved)
+
+
+def test_a_scalar_metric_with_its_classifier_logs_like_a_torchmetrics_scalar():
+    # Lightning's self.log(name, metric) calls compute() with no arguments, then reset().
+    features, labels, weight, bias, logits = random_problem(3, 4, [7, 8, 9], seed=22)
+    head = torch.nn.Linear(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    full = NeuralCollapseMetrics(3, 4, classifier=head)
+    scalars = {
+        key: NeuralCollapseMetrics(3, 4, classifier=head, scalar=key)
+        for key in ("nc1", "nc3", "margin_median")
+    }
+    for metric in (full, *scalars.values()):
+        metric.update(features, labels, logits)
+    truth = brute_force_metrics(features, labels, 3, weight, bias, logits)
+    assert_metrics_close(full.compute(), truth)
+    for key, metric in scalars.items():
+        value = metric.compute()
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+        assert value.item() == pytest.approx(truth[key], rel=1e-9, abs=1e-12)
+    assert "head" not in dict(full.named_children())
+    assert not any(name.startswith("_classifier") for name, _ in full.named_parameters())
+    with pytest.raises(ValueError, match=r"scalar='nc9' is not a metric key"):
+        NeuralCollapseMetrics(3, 4, scalar="nc9")
+    with pytest.raises(ValueError, match=r"scalar='acc5' needs num_classes >= 5"):
+        NeuralCollapseMetrics(3, 4, scalar="acc5")

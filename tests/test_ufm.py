@@ -316,7 +316,7 @@ def test_ufm_command_reports_bad_config(tmp_path, capsys):
         ({"seeds": (1, 1)}, "must be non-empty and distinct"),
         ({"iterations": 0}, "iterations=0 must be an integer >= 1"),
         ({"batch_size": 25}, "batch_size=25 exceeds N=24"),
-        ({"schedule": "step"}, "schedule='step' is not supported"),
+        ({"schedule": "step"}, "schedule='step' is not one of \\['none', 'cosine'\\]"),
         ({"temperature": 0.0}, r"temperature=0.0 must be a finite number > 0"),
     ],
 )

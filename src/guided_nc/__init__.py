@@ -32,13 +32,16 @@ from guided_nc.optim import AGD, build_optimizer, build_scheduler, orthogonal_in
 from guided_nc.sampler import StratifiedBatchSampler
 
 #: Names loaded on first use: the metrics subclass torchmetrics.Metric, and importing
-#: torchmetrics takes seconds (it loads its audio and image domains); ``import guided_nc`` and
-#: ``guided-nc --help`` should not pay for it.
+#: torchmetrics takes seconds (it loads its audio and image domains), and the models import
+#: torchvision; ``import guided_nc`` and ``guided-nc --help`` should not pay for them.
 _LAZY = {
+    "Classifier": "guided_nc.models",
+    "replace_classifier": "guided_nc.models",
     "NeuralCollapseMetrics": "guided_nc.metrics",
     "ce_lower_bound": "guided_nc.metrics",
     "collect_metrics": "guided_nc.metrics",
     "FitResult": "guided_nc.train",
+    "load_run": "guided_nc.train",
     "train_model": "guided_nc.train",
 }
 
@@ -56,6 +59,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AGD",
+    "Classifier",
     "FitResult",
     "FixedETFHead",
     "ImplicitETFHead",
@@ -72,11 +76,13 @@ __all__ = [
     "etf_classifier",
     "etf_distance",
     "haar_stiefel",
+    "load_run",
     "nearest_etf",
     "normalize_features",
     "orthogonal_init_",
     "polar_factor",
     "renormalize_heads_",
+    "replace_classifier",
     "simplex_etf",
     "train_model",
 ]

@@ -28,6 +28,7 @@ from guided_nc.config import TrainConfig
 from guided_nc.methods import METHOD_VARIANTS, METHODS, TIMED_METHODS, method_variant
 from guided_nc.runfiles import atomic_write_json, check_kind, mark_kind, read_done, run_folder
 from guided_nc.runtime import resolve_device
+from guided_nc.settings import HeadSettings
 from guided_nc.timing import measure_heads as time_heads
 
 __all__ = ["measure_heads", "method_config", "run_comparison"]
@@ -103,16 +104,17 @@ def run_comparison(
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
-    """``base`` for one method: its head, and the variant's options (or ``base``'s DDN switch
-    for the implicit head and ``base``'s rotation for the fixed head; the defaults for the
-    options the head does not have). ``guided-nc train --method`` and ``compare`` both use it."""
+    """``base`` for one method: its head, and the variant's options applied to the head settings
+    (:meth:`guided_nc.settings.HeadSettings.for_method`); the options a head does not have are
+    reset to their defaults (a config keeps ``ddn_grad`` and ``rotation`` for its own head)."""
     variant = method_variant(method)
-    options = variant.head_options()
+    settings = base.head_settings().for_method(method)
+    defaults = HeadSettings()
     return dataclasses.replace(
         base,
         method=variant.head,
-        ddn_grad=options.get("ddn_grad", base.ddn_grad) if variant.head == "implicit" else True,
-        rotation=options.get("rotation", base.rotation if variant.head == "fixed" else "canonical"),
+        ddn_grad=settings.ddn_grad if variant.head == "implicit" else defaults.ddn_grad,
+        rotation=settings.rotation if variant.head == "fixed" else defaults.rotation,
     )
 
 
@@ -167,7 +169,7 @@ def measure_heads(
         repeats=repeats,
         warmup=1,
         optimizer_name=base.optimizer if base.optimizer in ("agd", "sgd") else "sgd",
-        temperature=base.temperature,
+        settings=base.head_settings(),
     )
     return {
         "dataset": base.dataset,

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from guided_nc._checks import check_number
 from guided_nc.catalog import CUSTOM, DATASET_NAMES, LOSSES, MODEL_NAMES, unknown_name
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS, METHODS, parse_methods
-from guided_nc.optim import OPTIMIZERS, SCHEDULES
 from guided_nc.runfiles import (
     RunFileError,
     atomic_write_json,
@@ -28,6 +26,15 @@ from guided_nc.runfiles import (
     unreadable,
 )
 from guided_nc.runtime import DEVICES
+from guided_nc.settings import (
+    HeadSettings,
+    OptimizerSettings,
+    check_head_settings,
+    check_number,
+    check_optimizer_settings,
+    check_type,
+    settings_of,
+)
 
 __all__ = [
     "POOL_FREE_FIELDS",
@@ -97,22 +104,12 @@ def _int_range(item: Any) -> range | tuple[int]:
     return (int(item),)
 
 
-def _check_hyperparameters(config: Any) -> None:
-    """The optimiser's and the heads' numbers, shared by TrainConfig and UFMConfig."""
-    check_number("lr", config.lr, minimum=0, exclusive_minimum=True, optional=True)
-    check_number("gain", config.gain, minimum=0, exclusive_minimum=True)
-    check_number("momentum", config.momentum, minimum=0, maximum=1, exclusive_maximum=True)
-    check_number("weight_decay", config.weight_decay, minimum=0, optional=True)
-    check_number("delta", config.delta, minimum=0)
-    check_number("temperature", config.temperature, minimum=0, exclusive_minimum=True)
-
-
 def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(OptimizerSettings, HeadSettings):
     """Everything that determines one real-network training run (paper section 5 protocol).
 
     Defaults follow the paper where it is explicit (AGD with gain 10, tau = 5, batch 256,
@@ -121,7 +118,10 @@ class TrainConfig:
     tensors, as in the paper), biases elsewhere; an explicit ``bias=True`` with AGD is an error.
 
     Every field becomes a flag of ``guided-nc train`` (``eval_epochs`` -> ``--eval-epochs``;
-    booleans get ``--name/--no-name``).
+    booleans get ``--name/--no-name``). The head's and the optimiser's fields are those of
+    :class:`guided_nc.settings.HeadSettings` and :class:`~guided_nc.settings.OptimizerSettings`
+    (declared and validated there; :meth:`head_settings` and :meth:`optimizer_settings` return
+    them); config.json stays flat.
     """
 
     dataset: str = field(
@@ -139,31 +139,6 @@ class TrainConfig:
     batch_norm: bool = field(default=True, metadata={"help": "batch norm in the MLP/CNN"})
     method: str = field(
         default="implicit", metadata={**_choices(*HEAD_NAMES), "help": "classifier head"}
-    )
-    rotation: str = field(
-        default="canonical",
-        metadata={
-            **_choices("canonical", "haar"),
-            "help": "fixed head: the simplex ETF's rotation (haar: random, drawn from --seed)",
-        },
-    )
-    ddn_grad: bool = field(
-        default=True,
-        metadata={"help": "implicit head: back-propagate through the nearest-ETF layer"},
-    )
-    optimizer: str = field(default="agd", metadata=_choices(*OPTIMIZERS))
-    gain: float = field(default=10.0, metadata={"help": "AGD gain (paper: 10)"})
-    lr: float | None = field(
-        default=None,
-        metadata={"help": "learning rate; AGD: multiplier of the gain (default per optimiser)"},
-    )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float | None = field(
-        default=None,
-        metadata={"help": "weight decay (default per optimiser; AGD has none)"},
-    )
-    schedule: str = field(
-        default="none", metadata={**_choices(*SCHEDULES), "help": "learning-rate schedule"}
     )
     epochs: int = field(default=10, metadata={"help": "number of training epochs"})
     batch_size: int = field(default=256, metadata={"help": "global batch size (all ranks)"})
@@ -207,8 +182,6 @@ class TrainConfig:
         default=None,
         metadata={"help": "biases and norm-layer affine parameters (default: off with AGD)"},
     )
-    temperature: float = field(default=5.0, metadata={"help": "feature norm tau"})
-    delta: float = field(default=1e-3, metadata={"help": "implicit head: proximal coefficient"})
     loss: str = field(
         default="ce",
         metadata={
@@ -225,9 +198,11 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_choices(*DEVICES))
 
     def __post_init__(self) -> None:
+        check_head_settings(self)
+        check_optimizer_settings(self)
         hints = get_type_hints(type(self))
         for item in fields(self):
-            _check_type(item.name, getattr(self, item.name), hints[item.name])
+            check_type(item.name, getattr(self, item.name), hints[item.name])
             choices = item.metadata.get("choices")
             value = getattr(self, item.name)
             if choices is not None and value not in (*choices, *item.metadata.get("also", ())):
@@ -236,7 +211,6 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        _check_hyperparameters(self)
         check_number(
             "imbalance_factor", self.imbalance_factor, minimum=0, maximum=1, exclusive_minimum=True
         )
@@ -250,11 +224,6 @@ class TrainConfig:
                 "bias=True with optimizer='agd': AGD with biases is not defined (AGD has no "
                 "update rule for 1-D tensors such as biases and norm-layer affine parameters); "
                 "drop --bias (AGD runs without biases), or use --optimizer sgd|adam|adamw"
-            )
-        if self.optimizer == "agd" and self.weight_decay:
-            raise ValueError(
-                f"weight_decay={self.weight_decay} with optimizer='agd': AGD has no weight-decay "
-                "rule; drop --weight-decay or use --optimizer sgd|adam|adamw"
             )
         if not self.ddn_grad and self.method != "implicit":
             raise ValueError(
@@ -277,6 +246,14 @@ class TrainConfig:
             )
 
     # ------------------------------------------------------------------ conversions
+    def head_settings(self) -> HeadSettings:
+        """The head's fields as a :class:`~guided_nc.settings.HeadSettings`."""
+        return settings_of(HeadSettings, self)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        """The optimiser's fields as an :class:`~guided_nc.settings.OptimizerSettings`."""
+        return settings_of(OptimizerSettings, self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples become lists)."""
         data = dataclasses.asdict(self)
@@ -344,29 +321,6 @@ class TrainConfig:
             raise
         except (TypeError, ValueError) as error:
             raise unreadable(path, f"it is not a train run's config.json ({error})") from error
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    """TypeError unless ``value`` matches the annotation (ints accepted for floats, not bools)."""
-    origin = get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (tuple, list, str)):
-            raise TypeError(f"{name}={value!r} must be a list of ints such as [1, 50, 200]")
-        return
-    allowed = get_args(hint) if origin is not None else (hint,)
-    for option in allowed:
-        if option is type(None) and value is None:
-            return
-        if option is bool and isinstance(value, bool):
-            return
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if option is str and isinstance(value, str):
-            return
-    names = " or ".join("None" if o is type(None) else o.__name__ for o in allowed)
-    raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected {names}")
 
 
 def add_config_arguments(
@@ -510,8 +464,8 @@ def parse_preset(text: str) -> Preset:
     )
 
 
-@dataclass(frozen=True)
-class UFMConfig:
+@dataclass(frozen=True, kw_only=True)
+class UFMConfig(OptimizerSettings, HeadSettings):
     """Everything that determines a UFM experiment on one preset (all methods, all seeds).
 
     Every field but ``preset`` and ``seeds`` is a flag of ``guided-nc ufm``
@@ -524,25 +478,24 @@ class UFMConfig:
         seeds: seeds; seed s fixes the initial features, the standard head's initial W and the
             batch order, identically for every method.
         iterations: optimiser steps per run (paper: 2000).
-        temperature: tau, the norm of the normalised features (paper: 5).
-        optimizer: ``agd`` (paper), ``sgd``, ``adam`` or ``adamw``.
-        gain: AGD's gain (paper: 10).
-        lr: learning rate (None: :func:`guided_nc.optim.build_optimizer`'s default; for AGD a
-            multiplier of the gain).
-        momentum: SGD momentum.
-        weight_decay: None = the optimiser's default (0 except AdamW 0.01); AGD rejects non-zero.
-        schedule: ``none`` or ``cosine`` (over ``iterations`` steps), per step.
         batch_size: None = full batch (every step sees all N features, the default); otherwise
             stratified batches of this size (:class:`guided_nc.sampler.StratifiedBatchSampler`).
         eval_interval: NC metrics every this many iterations (and at 0 and the last); loss and
             accuracy are evaluated after every iteration.
-        ddn_grad: implicit head: differentiate through the nearest-ETF layer.
-        delta: implicit head: proximal coefficient.
-        running_mean_momentum: momentum of the ETF heads' running feature mean (evaluation bias);
-            None = 1.0 with full batches (the batch is the whole data set), 0.1 otherwise.
+
+    The head's and the optimiser's fields (``temperature``, ``delta``, ``ddn_grad``,
+    ``running_mean_momentum``, ``solver``, ..., ``optimizer``, ``gain``, ``lr``, ...) are those
+    of :class:`guided_nc.settings.HeadSettings` and :class:`~guided_nc.settings.
+    OptimizerSettings`; ``running_mean_momentum=None`` means 1.0 with full batches (the batch is
+    the whole data set), 0.1 otherwise; ``schedule`` is ``none`` or ``cosine`` (per step).
     """
 
     preset: Preset = field(metadata={"cli": False})
+    #: OptimizerSettings' field with the UFM's choices (no "step": it has no epochs to step at).
+    schedule: str = field(
+        default="none",
+        metadata={"choices": ("none", "cosine"), "help": "learning-rate schedule, per step"},
+    )
     methods: tuple[str, ...] = field(
         default=METHODS,
         metadata={
@@ -555,17 +508,6 @@ class UFMConfig:
     iterations: int = field(
         default=2000, metadata={"type": int_at_least(1), "help": "optimiser steps per run"}
     )
-    temperature: float = field(default=5.0, metadata={"help": "feature norm tau"})
-    optimizer: str = field(default="agd", metadata={"choices": OPTIMIZERS})
-    gain: float = field(default=10.0, metadata={"help": "AGD gain (paper: 10)"})
-    lr: float | None = field(
-        default=None, metadata={"help": "learning rate (None: the optimiser's default)"}
-    )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float | None = field(
-        default=None, metadata={"help": "weight decay (None: the optimiser's default)"}
-    )
-    schedule: str = field(default="none", metadata={"choices": ("none", "cosine")})
     batch_size: int | None = field(
         default=None,
         metadata={
@@ -575,14 +517,6 @@ class UFMConfig:
     )
     eval_interval: int = field(
         default=20, metadata={"type": int_at_least(1), "help": "NC metrics every N iterations"}
-    )
-    ddn_grad: bool = field(
-        default=True, metadata={"help": "implicit head: back-propagate through the ETF layer"}
-    )
-    delta: float = field(default=1e-3, metadata={"help": "implicit head: proximal coefficient"})
-    running_mean_momentum: float | None = field(
-        default=None,
-        metadata={"help": "ETF heads' running-mean momentum (None: 1 full batch, else 0.1)"},
     )
 
     def __post_init__(self) -> None:
@@ -612,19 +546,8 @@ class UFMConfig:
                     f"batch_size={self.batch_size} exceeds N={self.preset.num_samples}; use "
                     f"batch_size=None (or 0 on the command line) for full batches"
                 )
-        if self.schedule not in ("none", "cosine"):
-            raise ValueError(f"schedule={self.schedule!r} is not supported; use 'none' or 'cosine'")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        _check_hyperparameters(self)
-        check_number(
-            "running_mean_momentum",
-            self.running_mean_momentum,
-            minimum=0,
-            maximum=1,
-            exclusive_minimum=True,
-            optional=True,
-        )
+        check_head_settings(self)
+        check_optimizer_settings(self)  # schedule: the UFM's narrower choices (field above)
 
     @property
     def full_batch(self) -> bool:
@@ -646,9 +569,35 @@ class UFMConfig:
         data["resolved_running_mean_momentum"] = self.resolved_running_mean_momentum
         return data
 
+    def head_settings(self, method: str | None = None) -> HeadSettings:
+        """The head's fields as a :class:`~guided_nc.settings.HeadSettings`, with the resolved
+        running-mean momentum (and, given ``method``, that method's own options)."""
+        momentum = self.resolved_running_mean_momentum
+        settings = settings_of(HeadSettings, self, running_mean_momentum=momentum)
+        return settings if method is None else settings.for_method(method)
+
     def run_dict(self, method: str, seed: int) -> dict[str, Any]:
-        """The configuration of one run: everything that changes its metrics.csv."""
+        """The configuration of one run: everything that changes its metrics.csv.
+
+        The head settings added after version 0.1 (:data:`UFM_V01_ABSENT`) enter only when they
+        differ from their defaults, so that the runs 0.1 finished are still recognised.
+        """
         data = self.to_dict()
         del data["methods"], data["seeds"]
+        defaults = {item.name: item.default for item in fields(HeadSettings)}
+        for name in UFM_V01_ABSENT:
+            if data[name] == defaults[name]:
+                del data[name]
         data.update(method=method, seed=seed)
         return data
+
+
+#: Head settings a version-0.1 UFM run's config.json does not have.
+UFM_V01_ABSENT = (
+    "rotation",
+    "alpha_floor",
+    "bias_gradient",
+    "solver",
+    "compute_dtype",
+    "validation",
+)

@@ -27,6 +27,8 @@ exact update rules are in ``docs/heads.md``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from typing import NamedTuple
 
@@ -57,6 +59,7 @@ from guided_nc.etf import (
     solve_nearest_etf,
 )
 from guided_nc.methods import HEAD_NAMES, METHOD_VARIANTS
+from guided_nc.settings import HeadSettings
 
 __all__ = [
     "FixedETFHead",
@@ -947,15 +950,35 @@ class ImplicitETFHead(_CentredETFHead):
 HEADS = dict(zip(HEAD_NAMES, (LearnableHead, FixedETFHead, ImplicitETFHead), strict=True))
 
 
-def build_head(method: str, num_features: int, num_classes: int, **kwargs) -> nn.Module:
-    """Build a head by method name (:data:`guided_nc.methods.METHOD_VARIANTS`).
+def build_head(
+    method: str,
+    num_features: int,
+    num_classes: int,
+    settings: HeadSettings | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    **options,
+) -> nn.Module:
+    """Build a head by method name (:data:`guided_nc.methods.METHOD_VARIANTS`): the one builder.
 
     ``"standard"``, ``"fixed"`` and ``"implicit"`` are the three heads; ``"fixed-haar"`` and
     ``"implicit-no-ddn"`` are the fixed head with a Haar rotation and the implicit head without
-    the DDN gradient. Extra keyword arguments go to the head's constructor (e.g.
-    ``temperature``, ``delta``, ``validation``) and override the method's own options;
-    ``compute_dtype`` goes to the ETF heads and is ignored by the standard head, which keeps no
-    statistics.
+    the DDN gradient.
+
+    Args:
+        method: the method's name.
+        num_features, num_classes: d and K (the ETF heads need d >= K).
+        settings: a :class:`guided_nc.settings.HeadSettings` (a run configuration's head
+            fields); default: its defaults. A field the head does not have is ignored by it.
+        generator: draws the fixed head's Haar rotation (ignored by the other heads).
+        **options: :class:`~guided_nc.settings.HeadSettings` fields by name (``temperature``,
+            ``delta``, ``solver``, ``compute_dtype``, ``validation``, ...; they replace those of
+            ``settings``), or other constructor keywords of the head (``device``, ``dtype``,
+            ``bias``, ``rotation=tensor``). An option that contradicts the method's own (e.g.
+            ``build_head("implicit-no-ddn", ddn_grad=True)``) is an error, not an override.
+
+    Returns:
+        the head, an ``nn.Module`` mapping features (B, d) and labels (B,) to logits (B, K).
     """
     if method not in METHOD_VARIANTS:
         raise ValueError(
@@ -963,10 +986,23 @@ def build_head(method: str, num_features: int, num_classes: int, **kwargs) -> nn
             f"('standard' = learnable, 'fixed' = fixed ETF, 'implicit' = nearest ETF)"
         )
     variant = METHOD_VARIANTS[method]
-    options = {**variant.head_options(), **kwargs}
-    if variant.head == "standard" and "compute_dtype" in options:
-        check_compute_dtype(options.pop("compute_dtype"))
-    return HEADS[variant.head](num_features, num_classes, **options)
+    for name, value in variant.options:
+        given = options.get(name, value)
+        if not isinstance(given, type(value)) or given != value:
+            raise ValueError(
+                f"{name}={given!r} conflicts with method={method!r}, which fixes {name}={value!r}; "
+                f"drop {name}= or use method={variant.head!r}"
+            )
+    named = {item.name for item in dataclasses.fields(HeadSettings)}
+    if isinstance(options.get("rotation"), torch.Tensor):
+        named = named - {"rotation"}  # a given frame is a constructor option, not a setting
+    chosen = {key: options.pop(key) for key in list(options) if key in named}
+    settings = dataclasses.replace(settings or HeadSettings(), **chosen).for_method(method)
+    head_class = HEADS[variant.head]
+    arguments = {**settings.head_options(head_class), **options}
+    if generator is not None and "generator" in inspect.signature(head_class.__init__).parameters:
+        arguments["generator"] = generator
+    return head_class(num_features, num_classes, **arguments)
 
 
 def renormalize_heads_(module: nn.Module) -> int:

@@ -1,25 +1,27 @@
-"""Neural-collapse metrics: one streaming, float64, distributed-aware implementation.
+"""Neural-collapse metrics: a thin torchmetrics adapter and the two-pass route, over one
+statistics module (:mod:`guided_nc.nc_statistics`).
 
 Every measure the paper plots (method.md section 6; definitions, sources and differences from the
 authors' code in ``docs/metrics.md``), computed from a whole split:
 
 * :class:`NeuralCollapseMetrics` - a ``torchmetrics.Metric``: ``update(features, labels, logits)``
-  / ``compute(weight, bias)`` / ``reset()``, ``metric(features, labels, logits)`` (forward: the
-  batch's own metrics), ``MetricCollection``, device moves with a parent module. NC1-NC3,
-  equinorm, ETF distance, bias collapse and accuracy come from float64 sufficient statistics whose
-  size does not depend on N (class sums K x d, counts, one d x d second moment, correct counts),
-  which stay float64 under a parent's ``.half()``/``.to(dtype)``. The per-sample measures (NCC
-  mismatch, cosine margins) need the *final* class means, so the object also keeps the features
-  it has seen, up to ``max_kept_samples`` per process; beyond that cap (or for samples restored
-  from a state_dict) they are NaN, with a warning that says why, and :func:`collect_metrics` is
-  the route to use.
+  accumulates float64 sufficient statistics whose size does not depend on N (class sums K x d,
+  counts, one d x d second moment, correct counts) and keeps up to ``max_kept_samples``
+  features per process for the per-sample measures (NCC mismatch, cosine margins, which need the
+  *final* class means); ``compute(weight, bias)`` turns the states into metrics with
+  :mod:`guided_nc.nc_statistics` (:func:`~guided_nc.nc_statistics.statistics_from_sums`,
+  :func:`~guided_nc.nc_statistics.global_metrics`, and the one per-sample route
+  :func:`~guided_nc.nc_statistics.per_sample_metrics`). What the adapter itself adds is what
+  torchmetrics needs: the states, the sync (:meth:`~NeuralCollapseMetrics._sync_dist`), float64
+  under a parent's casts, and forward/merge/load semantics. ``classifier=head, scalar="nc1"``
+  makes ``compute()`` a scalar for Lightning's ``self.log(name, metric)``.
 * :func:`collect_metrics` - two passes over a loader (pass 1: the statistics; pass 2: NCC mismatch
-  and margins against the final means), memory independent of N apart from one float64 margin
-  per sample. It gives the same numbers as the kept-features route.
-* Pure functions, one per formula: :func:`nc1_from_statistics`, :func:`etf_gram_deviation` (NC2 and
-  NC3), :func:`coefficient_of_variation` (equinorm), :func:`bias_collapse`,
-  :func:`nearest_class_centre` (NC4), :func:`cosine_margins`, :func:`ce_lower_bound`. The ETF
-  distance is :func:`guided_nc.etf.etf_distance`.
+  and margins against the final means, through the same per-sample route), memory independent of
+  N apart from one float64 margin per sample.
+* The pure functions, one per formula, are re-exported from :mod:`guided_nc.nc_statistics`
+  (:func:`nc1_from_statistics`, :func:`etf_gram_deviation`, :func:`coefficient_of_variation`,
+  :func:`bias_collapse`, :func:`nearest_class_centre`, :func:`cosine_margins`,
+  :func:`ce_lower_bound`).
 
 Under ``torch.distributed`` each process updates with its shard; torchmetrics' sync (run by
 :meth:`~NeuralCollapseMetrics.compute`) is :meth:`~NeuralCollapseMetrics._sync_dist`, which
@@ -32,23 +34,45 @@ it on every rank, with the same ``weight``/``bias``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 from tqdm import tqdm
 
 from guided_nc import distributed
-from guided_nc.etf import centering_matrix, etf_distance
+from guided_nc.nc_statistics import (
+    _NAN,
+    GLOBAL_MEANS,
+    MARGIN_QUANTILES,
+    METRIC_KEYS,
+    STATISTICS_DTYPE,
+    Statistics,
+    bias_collapse,
+    ce_lower_bound,
+    check_batch,
+    check_classifier,
+    check_global_mean,
+    coefficient_of_variation,
+    cosine_margins,
+    etf_gram_deviation,
+    global_metrics,
+    nan_per_sample,
+    nc1_from_statistics,
+    nearest_class_centre,
+    ordered_metrics,
+    per_sample_metrics,
+    shifted_batch,
+    statistics_from_sums,
+    sum_over_processes,
+)
 
 __all__ = [
+    "GLOBAL_MEANS",
     "MARGIN_QUANTILES",
     "METRIC_KEYS",
     "NeuralCollapseMetrics",
@@ -61,170 +85,6 @@ __all__ = [
     "nc1_from_statistics",
     "nearest_class_centre",
 ]
-
-#: dtype of every statistic and every metric computation.
-STATISTICS_DTYPE = torch.float64
-
-#: Reported quantiles of the per-sample cosine margin (numpy's default linear interpolation).
-MARGIN_QUANTILES: dict[str, float] = {
-    "margin_q05": 0.05,
-    "margin_q25": 0.25,
-    "margin_median": 0.5,
-    "margin_q75": 0.75,
-    "margin_q95": 0.95,
-}
-
-#: Keys returned by ``compute`` / ``collect_metrics`` (``acc5`` only when K >= 5).
-METRIC_KEYS: tuple[str, ...] = (
-    "acc1",
-    "acc5",
-    "nc1",
-    "nc2_w",
-    "nc2_h",
-    "nc3",
-    "ncc_mismatch",
-    "bias_collapse",
-    "cv_w",
-    "cv_h",
-    "equinorm",
-    "margin_mean",
-    "margin_min",
-    *MARGIN_QUANTILES,
-    "margin_max",
-    "etf_margin",
-    "etf_distance",
-    "n",
-)
-
-#: Rows per block in the per-sample computations (bounds the B x K float64 temporaries).
-_CHUNK_ROWS = 1024
-
-_NAN = float("nan")
-
-
-# --- pure functions: one implementation per formula ---------------------------------------------
-
-
-def ce_lower_bound(num_classes: int, temperature: float) -> float:
-    """Cross-entropy lower bound for unit-norm classifier rows and features of norm ``temperature``.
-
-    Yaras et al. 2022, Theorem 1 (attained by a simplex ETF with aligned, balanced features):
-    ``L*(K, tau) = log(1 + (K - 1) exp(-tau K / (K - 1)))``. tau = 5: K=10 0.0342, K=100 0.4912,
-    K=200 0.8362, K=1000 2.0409.
-
-    Args:
-        num_classes: K >= 2.
-        temperature: tau > 0, the feature norm (method.md section 1).
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (default 5)")
-    exponent = -temperature * num_classes / (num_classes - 1)
-    return math.log1p((num_classes - 1) * math.exp(exponent))
-
-
-def nc1_from_statistics(
-    within_class_covariance: torch.Tensor, centred_class_means: torch.Tensor
-) -> torch.Tensor:
-    """NC1 = tr(Sigma_W Sigma_B^+) / K (Papyan et al. 2020), from the two covariances' factors.
-
-    ``Sigma_B = Hbar Hbar^T / K``; its pseudo-inverse is taken on the rank-(K-1) part
-    (method.md section 6): the ``min(K-1, d)`` largest eigen-directions, minus any whose
-    eigenvalue is below ``max(d, K) * eps * largest`` (``scipy.linalg.pinv``'s tolerance). With
-    balanced classes ``Hbar`` has rank K-1 and this is the plain pseudo-inverse; with imbalanced
-    classes (``mu_G`` is the sample-weighted mean) it drops the K-th direction. Computed from the
-    thin SVD of ``Hbar`` (O(d K^2 + d^2 K)), never a d x d inverse.
-
-    Shape: within_class_covariance (d, d), centred_class_means Hbar (d, K) -> scalar, float64.
-    """
-    hbar = centred_class_means.to(STATISTICS_DTYPE)
-    within = within_class_covariance.to(STATISTICS_DTYPE)
-    dim, num_classes = hbar.shape
-    left, singular, _ = torch.linalg.svd(hbar, full_matrices=False)
-    eigenvalues = singular.square() / num_classes  # of Sigma_B, descending
-    rank = min(num_classes - 1, dim)
-    tolerance = eigenvalues[0] * max(dim, num_classes) * torch.finfo(STATISTICS_DTYPE).eps
-    keep = eigenvalues[:rank] > tolerance
-    directions, eigenvalues = left[:, :rank][:, keep], eigenvalues[:rank][keep]
-    # tr(Sigma_W U diag(1/lambda) U^T) = sum_j u_j^T Sigma_W u_j / lambda_j
-    projected = (directions * (within @ directions)).sum(dim=0)
-    return (projected / eigenvalues).sum() / num_classes
-
-
-def etf_gram_deviation(gram: torch.Tensor) -> torch.Tensor:
-    """``|| G / ||G||_F - M / sqrt(K-1) ||_F`` for a K x K matrix G (Papyan et al. 2020).
-
-    NC2 of the classifier uses ``G = W W^T``, NC2 of the features ``G = Hbar^T Hbar`` and NC3
-    (self-duality) ``G = W Hbar``. Zero exactly for a simplex ETF (up to scale); NaN when G = 0.
-
-    Shape: gram (K, K) -> scalar, float64.
-    """
-    matrix = gram.to(STATISTICS_DTYPE)
-    num_classes = matrix.shape[0]
-    target = centering_matrix(num_classes, dtype=STATISTICS_DTYPE, device=matrix.device)
-    target = target / math.sqrt(num_classes - 1)
-    return torch.linalg.matrix_norm(matrix / torch.linalg.matrix_norm(matrix) - target)
-
-
-def coefficient_of_variation(vectors: torch.Tensor) -> torch.Tensor:
-    """Unbiased std / mean of the Euclidean norms of the rows of ``vectors`` (equinorm).
-
-    As the authors' code (``torch.std``, unbiased). ``CV_W`` uses the rows of W, ``CV_H`` the
-    columns of Hbar (pass ``Hbar^T``).
-
-    Shape: vectors (K, d) -> scalar, float64.
-    """
-    norms = torch.linalg.vector_norm(vectors.to(STATISTICS_DTYPE), dim=1)
-    return norms.std() / norms.mean()
-
-
-def bias_collapse(
-    weight: torch.Tensor, bias: torch.Tensor | None, global_mean: torch.Tensor
-) -> torch.Tensor:
-    """``|| W mu_G + b ||_2`` (the authors' code calls this "NC4"); ``bias=None`` means b = 0.
-
-    Shape: weight (K, d), bias (K,) or None, global_mean (d,) -> scalar, float64.
-    """
-    value = weight.to(STATISTICS_DTYPE) @ global_mean.to(STATISTICS_DTYPE)
-    if bias is not None:
-        value = value + bias.to(STATISTICS_DTYPE)
-    return torch.linalg.vector_norm(value)
-
-
-def nearest_class_centre(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tensor:
-    """Nearest-class-centre classifier ``argmin_k ||h_i - mu_k||_2`` (Papyan et al. 2020, NC4).
-
-    Uses ``||h - mu_k||^2 = ||h||^2 - 2 <h, mu_k> + ||mu_k||^2`` without the constant ``||h||^2``;
-    ties go to the lowest class index.
-
-    Shape: features (B, d), class_means (K, d) -> (B,) int64.
-    """
-    means = class_means.to(STATISTICS_DTYPE)
-    scores = means.square().sum(dim=1) - 2.0 * features.to(STATISTICS_DTYPE) @ means.T
-    return scores.argmin(dim=1)
-
-
-def cosine_margins(
-    features: torch.Tensor, labels: torch.Tensor, global_mean: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample cosine margin (paper eq. 17, the authors' ``validate_NC.py``).
-
-    ``cos(h_i - mu_G, w~_y) - max_{k != y} cos(h_i - mu_G, w~_k)`` with ``w~`` the rows of W
-    centred by their mean. A zero vector has cosine 0 with everything (``F.normalize``'s eps).
-    Equals K/(K-1) for features at the vertices of a simplex ETF aligned with W.
-
-    Shape: features (B, d), labels (B,) int, global_mean (d,), weight (K, d) -> (B,) float64.
-    """
-    centred = F.normalize(features.to(STATISTICS_DTYPE) - global_mean.to(STATISTICS_DTYPE), dim=1)
-    classifier = weight.to(STATISTICS_DTYPE)
-    classifier = F.normalize(classifier - classifier.mean(dim=0, keepdim=True), dim=1)
-    cosines = centred @ classifier.T
-    index = labels.view(-1, 1)
-    own = cosines.gather(1, index).squeeze(1)
-    others = cosines.scatter(1, index, -math.inf).amax(dim=1)
-    return own - others
-
 
 # --- the stateful metric -----------------------------------------------------------------------
 
@@ -239,26 +99,6 @@ _SCALAR_STATES: tuple[str, ...] = (
 
 #: List states: what the per-sample measures need, per kept batch (never synced, not in state_dict).
 _KEPT_STATES: tuple[str, ...] = ("kept_features", "kept_labels", "kept_predictions")
-
-
-@dataclass(frozen=True)
-class _Statistics:
-    """Statistics of every sample the states cover (float64): one process, or all once synced."""
-
-    counts: torch.Tensor  # (K,)
-    class_means: torch.Tensor  # (K, d); NaN rows for classes without samples
-    global_mean: torch.Tensor  # (d,)
-    within_class_covariance: torch.Tensor  # (d, d)
-    num_samples: float
-    correct_top1: float
-    correct_top5: float
-    samples_with_logits: float
-    dropped_samples: float
-    restored_samples: float
-
-    @property
-    def every_class_seen(self) -> bool:
-        return bool((self.counts > 0).all().item())
 
 
 def _distributed_available() -> bool:
@@ -281,56 +121,6 @@ def _reduced_only_by_sync_dist(stacked: torch.Tensor) -> torch.Tensor:
         "reduction); its class shifts and kept features need NeuralCollapseMetrics._sync_dist. "
         "This is a bug in guided_nc: please report it with your torchmetrics version"
     )
-
-
-def _sum_over_processes(
-    counts: torch.Tensor,
-    shifts: torch.Tensor,
-    shifted_sums: torch.Tensor,
-    second_moment: torch.Tensor,
-    scalars: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum every process's statistics, after converting them to one common shift (float64).
-
-    Each process r accumulates about its own shifts s_rk (class k's mean in its first local batch),
-    so its shifted sums T_rk = sum (h - s_rk) and second moment C_r = sum (h - s_r)(h - s_r)^T
-    cannot simply be added. Two all-reduces through :func:`guided_nc.distributed.all_reduce_sum`:
-
-    1. the raw class sums ``T_rk + n_rk s_rk`` and the counts ``n_rk`` (K x d + K), giving the
-       global class means c_k, identical on every rank (the same reduced numbers, the same
-       division);
-    2. each process's statistics about c: with ``delta_rk = s_rk - c_k`` (within-class size),
-       ``T'_rk = T_rk + n_rk delta_rk`` and
-       ``C'_r = C_r + T_r^T delta_r + delta_r^T T'_r``, which expands to
-       ``C_r + T^T delta + delta^T T + delta^T diag(n) delta`` = ``sum (h - c)(h - c)^T``.
-       Every term is of the within-class size, so the conversion keeps the shifted formula's
-       stability near collapse. Then one flat buffer (K x d + K + d x d + scalars) is summed.
-
-    Shape: counts (K,), shifts/shifted_sums (K, d), second_moment (d, d), scalars (S,) ->
-    the summed (counts, common shifts c, shifted sums, second moment, scalars), all float64.
-    """
-    num_classes, dim = shifts.shape
-    factory = {"dtype": STATISTICS_DTYPE, "device": counts.device}
-    means_buffer = torch.empty(num_classes * dim + num_classes, **factory)
-    raw_sums, total_counts = torch.split(means_buffer, [num_classes * dim, num_classes])
-    raw_sums = raw_sums.view(num_classes, dim)
-    torch.addcmul(shifted_sums, counts.unsqueeze(1), shifts, out=raw_sums)
-    total_counts.copy_(counts)
-    distributed.all_reduce_sum(means_buffer)
-    common = raw_sums / total_counts.clamp(min=1).unsqueeze(1)  # 0 for classes seen nowhere
-    # Rows of classes this process has not seen carry no samples (n_rk = 0, T_rk = 0).
-    delta = torch.where((counts > 0).unsqueeze(1), shifts - common, 0.0)
-    sizes = [num_classes * dim, num_classes, dim * dim, scalars.numel()]
-    flat = torch.empty(sum(sizes), **factory)
-    sums, flat_counts, moment, flat_scalars = torch.split(flat, sizes)
-    sums, moment = sums.view(num_classes, dim), moment.view(dim, dim)
-    torch.addcmul(shifted_sums, counts.unsqueeze(1), delta, out=sums)  # T' = T + n delta
-    moment.copy_(second_moment)
-    moment.addmm_(shifted_sums.T, delta).addmm_(delta.T, sums)  # C' = C + T^T delta + delta^T T'
-    flat_counts.copy_(counts)
-    flat_scalars.copy_(scalars)
-    distributed.all_reduce_sum(flat)
-    return flat_counts, common, sums, moment, flat_scalars
 
 
 def _missing_features_message(dropped: float, restored: float, cap: int | None) -> str:
@@ -409,6 +199,19 @@ class NeuralCollapseMetrics(Metric):
         max_kept_samples: cap on kept samples per process (``None``: no cap). The default, 100000,
             holds CIFAR's training set (100000 x 512 float32 features = 205 MB).
         device: where the states live (features are moved there); ``metric.to(device)`` also works.
+        global_mean: mu_G, which centres the class means (Hbar, hence nc1, nc2_h, nc3, cv_h,
+            etf_distance, bias_collapse and the margins): ``"weighted"`` (default: the mean of
+            all samples) or ``"unweighted"`` (the mean of the class means, to match
+            rhubarbwu/neural-collapse); the same for balanced classes (:data:`GLOBAL_MEANS`).
+        classifier: the head (a module with ``weight`` (K, d) and ``bias`` (K,) or None) whose
+            current classifier :meth:`compute` uses when called without ``weight``/``bias``
+            (held by reference, not as a child module).
+        scalar: a key of :data:`METRIC_KEYS`: :meth:`compute` returns that key alone as a 0-d
+            float64 tensor (for Lightning's ``self.log(name, metric)``); None (default): the
+            dict of every key (``self.log_dict(metric.compute(...))``).
+        persistent: keep the statistics in ``state_dict`` (and so in every checkpoint of a model
+            that holds the metric; d x d + 2 K x d float64, 65 MB at K = 1000, d = 2048). Off by
+            default, as torchmetrics' states; the kept per-sample features are never saved.
 
     Shape:
         update / forward: features (B, d) float, labels (B,) int in [0, K), logits (B, K) float or
@@ -427,9 +230,27 @@ class NeuralCollapseMetrics(Metric):
         dim: int,
         max_kept_samples: int | None = 100_000,
         device: torch.device | str | None = None,
+        *,
+        global_mean: str = "weighted",
+        persistent: bool = False,
+        classifier: torch.nn.Module | None = None,
+        scalar: str | None = None,
     ) -> None:
+        check_global_mean(global_mean)
+        if scalar is not None and scalar not in METRIC_KEYS:
+            raise ValueError(
+                f"scalar={scalar!r} is not a metric key; use one of {list(METRIC_KEYS)} (or None "
+                "for the dict of every key)"
+            )
+        if classifier is not None and not hasattr(classifier, "weight"):
+            raise TypeError(
+                f"classifier={type(classifier).__name__} has no weight; pass the head (a module "
+                "with weight (K, d) and bias (K,) or None)"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+        if scalar == "acc5" and num_classes < 5:
+            raise ValueError(f"scalar='acc5' needs num_classes >= 5, got {num_classes}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim={dim!r} must be a positive integer (the feature width)")
         if max_kept_samples is not None and (
@@ -446,27 +267,40 @@ class NeuralCollapseMetrics(Metric):
         self.num_classes = num_classes
         self.dim = dim
         self.max_kept_samples = max_kept_samples
+        self.global_mean = global_mean
+        self.scalar = scalar
+        # A reference, not a child module: the head's parameters belong to the model.
+        self.__dict__["_classifier"] = classifier
         self._dtype = STATISTICS_DTYPE
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=STATISTICS_DTYPE)
 
-        self.add_state("class_counts", zeros(num_classes), dist_reduce_fx="sum", persistent=True)
+        persistent = bool(persistent)
+        self.add_state(
+            "class_counts", zeros(num_classes), dist_reduce_fx="sum", persistent=persistent
+        )
         self.add_state(
             "class_shifts",
             zeros(num_classes, dim),
             dist_reduce_fx=_reduced_only_by_sync_dist,
-            persistent=True,
+            persistent=persistent,
         )
         self.add_state(
-            "shifted_class_sums", zeros(num_classes, dim), dist_reduce_fx="sum", persistent=True
+            "shifted_class_sums",
+            zeros(num_classes, dim),
+            dist_reduce_fx="sum",
+            persistent=persistent,
         )
         self.add_state(
-            "shifted_second_moment", zeros(dim, dim), dist_reduce_fx="sum", persistent=True
+            "shifted_second_moment", zeros(dim, dim), dist_reduce_fx="sum", persistent=persistent
         )
         for name in _SCALAR_STATES:
             self.add_state(
-                name, zeros(), dist_reduce_fx="sum", persistent=name != "restored_samples"
+                name,
+                zeros(),
+                dist_reduce_fx="sum",
+                persistent=persistent and name != "restored_samples",
             )
         for name in _KEPT_STATES:
             self.add_state(name, [], dist_reduce_fx=_reduced_only_by_sync_dist, persistent=False)
@@ -476,7 +310,8 @@ class NeuralCollapseMetrics(Metric):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, dim={self.dim}, "
-            f"max_kept_samples={self.max_kept_samples}"
+            f"max_kept_samples={self.max_kept_samples}, global_mean={self.global_mean!r}"
+            + ("" if self.scalar is None else f", scalar={self.scalar!r}")
         )
 
     @property
@@ -508,14 +343,9 @@ class NeuralCollapseMetrics(Metric):
         device = self.class_counts.device
         values = features.detach().to(device=device, dtype=STATISTICS_DTYPE)
         labels = labels.detach().to(device=device, dtype=torch.long)
-        batch_counts = torch.bincount(labels, minlength=self.num_classes).to(STATISTICS_DTYPE)
-        first_seen = (self.class_counts == 0) & (batch_counts > 0)
-        shifts = self.class_shifts
-        if first_seen.any():  # new classes: their shift is their mean in this batch
-            batch_sums = torch.zeros_like(self.shifted_class_sums).index_add_(0, labels, values)
-            batch_means = batch_sums / batch_counts.clamp(min=1).unsqueeze(1)
-            shifts = torch.where(first_seen.unsqueeze(1), batch_means, self.class_shifts)
-        shifted = values - shifts[labels]
+        batch_counts, shifts, shifted = shifted_batch(
+            values, labels, self.class_counts, self.class_shifts
+        )
         predictions = None
         if logits is not None:
             logits = logits.detach().to(device)
@@ -566,8 +396,13 @@ class NeuralCollapseMetrics(Metric):
 
     def compute(
         self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | torch.Tensor:
         """Every metric of the samples seen on all processes (collective under torch.distributed).
+
+        With ``classifier=head`` given to the constructor, ``weight``/``bias`` default to the
+        head's current ones; with ``scalar="nc1"`` (any key) the result is that key alone, as a
+        0-d float64 tensor, so that Lightning's ``self.log("val_nc1", metric)`` works (it calls
+        ``compute()`` with no arguments at the epoch's end, then ``reset()``).
 
         torchmetrics syncs the states (:meth:`_sync_dist`) before this runs and restores this
         process's own states after; all arithmetic is float64.
@@ -588,8 +423,14 @@ class NeuralCollapseMetrics(Metric):
             RuntimeError: no sample was seen on any process.
             ValueError: a class has no samples; weight or bias of the wrong shape or non-finite.
         """
+        classifier = self.__dict__.get("_classifier")
+        if weight is None and bias is None and classifier is not None:
+            weight, bias = classifier.weight, getattr(classifier, "bias", None)
         try:
-            return self._evaluate(weight, bias, collective=self._is_synced, every_class=True)
+            results = self._evaluate(weight, bias, collective=self._is_synced, every_class=True)
+            if self.scalar is None:
+                return results
+            return torch.tensor(results[self.scalar], dtype=STATISTICS_DTYPE)
         except BaseException:
             # torchmetrics' sync_context does not restore the local states when compute raises;
             # without this a bad weight would leave the global states in place for later updates.
@@ -627,13 +468,17 @@ class NeuralCollapseMetrics(Metric):
             setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
         self.update(features, labels, logits)
         batch = NeuralCollapseMetrics(
-            self.num_classes, self.dim, max_kept_samples=None, device=self.device
+            self.num_classes,
+            self.dim,
+            max_kept_samples=None,
+            device=self.device,
+            global_mean=self.global_mean,
         )
         batch.update(features, labels, logits)
         if batch.num_samples == 0:
             results = dict.fromkeys(METRIC_KEYS, _NAN)
             results.update(n=0.0, etf_margin=self.num_classes / (self.num_classes - 1))
-            result = _ordered(results, self.num_classes)
+            result = ordered_metrics(results, self.num_classes)
         else:
             result = batch._evaluate(None, None, collective=False, every_class=False)
         self._forward_cache = result
@@ -650,9 +495,9 @@ class NeuralCollapseMetrics(Metric):
         """The metrics of the current states; ``collective``: the states are synced, so reduce
         the per-sample measures over processes too; ``every_class``: a class without samples is
         an error (else its keys are NaN)."""
-        weight, bias = _check_classifier(weight, bias, self.num_classes, self.dim)
+        weight, bias = check_classifier(weight, bias, self.num_classes, self.dim)
         statistics = self._statistics(every_class=every_class)
-        results = _global_metrics(statistics, self.num_classes, weight, bias)
+        results = global_metrics(statistics, self.num_classes, weight, bias)
         if statistics.dropped_samples > 0 or statistics.restored_samples > 0:
             if self.max_kept_samples != 0:
                 warnings.warn(
@@ -663,60 +508,39 @@ class NeuralCollapseMetrics(Metric):
                     ),
                     stacklevel=4,  # _evaluate < compute < torchmetrics' compute wrapper < caller
                 )
-            results.update(_nan_per_sample())
+            results.update(nan_per_sample())
         else:
             predictions = self.kept_predictions or [None] * len(self.kept_features)
             kept = zip(self.kept_features, self.kept_labels, predictions, strict=True)
             results.update(
-                _per_sample_metrics(
+                per_sample_metrics(
                     kept, self.num_kept_samples, statistics, weight, bias, collective=collective
                 )
             )
-        return _ordered(results, self.num_classes)
+        return ordered_metrics(results, self.num_classes)
 
-    def _statistics(self, *, every_class: bool = True) -> _Statistics:
-        """Means and Sigma_W from the current states (float64, no communication)."""
-        counts = self.class_counts
-        num_samples = float(counts.sum().item())
-        if num_samples == 0:
-            raise RuntimeError(
-                "NeuralCollapseMetrics.compute() called before any sample was seen; call "
-                "update(features, labels) first"
-            )
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty and every_class:
-            raise ValueError(
-                f"classes {empty} have no samples (of num_classes={self.num_classes}); the class "
-                "means are undefined. Evaluate a split that contains every class, or metrics "
-                "over the classes present with a smaller num_classes and remapped labels"
-            )
-        shifted_sums = self.shifted_class_sums
-        safe_counts = counts.clamp(min=1).unsqueeze(1)
-        seen = (counts > 0).unsqueeze(1)
-        class_means = torch.where(seen, self.class_shifts + shifted_sums / safe_counts, _NAN)
-        raw_sums = torch.addcmul(shifted_sums, counts.unsqueeze(1), self.class_shifts)
-        # N Sigma_W = C - sum_k T_k T_k^T / n_k, both terms of the within-class size.
-        scaled = shifted_sums / safe_counts.sqrt()
-        scatter = torch.addmm(self.shifted_second_moment, scaled.T, scaled, alpha=-1.0)
+    def _statistics(self, *, every_class: bool = True) -> Statistics:
+        """Means and Sigma_W from the current states (:func:`guided_nc.nc_statistics.
+        statistics_from_sums`; float64, no communication)."""
         values = torch.stack([getattr(self, name) for name in _SCALAR_STATES]).tolist()
-        scalars = dict(zip(_SCALAR_STATES, values, strict=True))
-        return _Statistics(
-            counts=counts,
-            class_means=class_means,
-            global_mean=raw_sums.sum(dim=0) / num_samples,
-            within_class_covariance=scatter.div_(num_samples),
-            num_samples=num_samples,
-            **scalars,
+        return statistics_from_sums(
+            self.class_counts,
+            self.class_shifts,
+            self.shifted_class_sums,
+            self.shifted_second_moment,
+            dict(zip(_SCALAR_STATES, values, strict=True)),
+            global_mean=self.global_mean,
+            every_class=every_class,
         )
 
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group=None) -> None:
         """torchmetrics' sync hook (run by ``compute``, ``sync`` and ``sync_context`` when
         :func:`guided_nc.distributed.is_distributed`): replace this process's states by the sums
-        over all processes, about one common shift (:func:`_sum_over_processes`: two float64
-        all-reduces through :func:`guided_nc.distributed.all_reduce_sum`, the only route to
-        torch.distributed). torchmetrics caches the local states first and puts them back on
-        ``unsync``. The kept features stay local: the per-sample measures are reduced in
-        :meth:`compute`.
+        over all processes, about one common shift
+        (:func:`guided_nc.nc_statistics.sum_over_processes`: two float64 all-reduces through
+        :func:`guided_nc.distributed.all_reduce_sum`, the only route to torch.distributed).
+        torchmetrics caches the local states first and puts them back on ``unsync``. The kept
+        features stay local: the per-sample measures are reduced in :meth:`compute`.
         """
         if process_group is not None:
             raise ValueError(
@@ -730,7 +554,7 @@ class NeuralCollapseMetrics(Metric):
                 "dist_sync_fn=None (tests replace guided_nc.distributed.all_reduce_sum instead)"
             )
         scalars = torch.stack([getattr(self, name) for name in _SCALAR_STATES])
-        counts, shifts, sums, moment, scalars = _sum_over_processes(
+        counts, shifts, sums, moment, scalars = sum_over_processes(
             self.class_counts,
             self.class_shifts,
             self.shifted_class_sums,
@@ -805,9 +629,20 @@ class NeuralCollapseMetrics(Metric):
         features are not in a state_dict, so the loaded samples count as restored without
         features: ``compute`` gives NaN per-sample measures and a warning that says so.
         """
+        persistent = [name for name in self._defaults if self._persistent[name]]
+        if not persistent:  # persistent=False (the default): nothing of this metric is saved
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+            return
         loaded: dict[str, torch.Tensor] = {}
         problems: list[str] = []
-        persistent = [name for name in self._defaults if self._persistent[name]]
         for name in persistent:
             key = prefix + name
             if key not in state_dict:
@@ -848,50 +683,7 @@ class NeuralCollapseMetrics(Metric):
     def _check_batch(
         self, features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None
     ) -> None:
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-            kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
-            raise TypeError(f"features must be a floating-point torch.Tensor, got {kind}")
-        if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(
-                f"features must have shape (batch, dim={self.dim}), got "
-                f"{tuple(features.shape)}; pass the head's (batch, {self.dim}) features or build "
-                f"the metric with dim={features.shape[-1] if features.dim() else 1}"
-            )
-        batch = features.shape[0]
-        if (
-            not isinstance(labels, torch.Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise TypeError(f"labels must be an integer torch.Tensor of class indices, got {kind}")
-        if labels.shape != (batch,):
-            raise ValueError(
-                f"labels must have shape ({batch},) to match features, got {tuple(labels.shape)}"
-            )
-        if batch and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:5].tolist()
-            raise ValueError(
-                f"labels {bad} are out of range for num_classes={self.num_classes}; labels must "
-                f"be in [0, {self.num_classes - 1}]"
-            )
-        if not torch.isfinite(features).all():
-            raise ValueError(
-                "features contain NaN or Inf; the batch was rejected and the metric state is "
-                "unchanged (check the backbone output)"
-            )
-        if logits is not None:
-            if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-                kind = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise TypeError(f"logits must be a floating-point torch.Tensor or None, got {kind}")
-            if logits.shape != (batch, self.num_classes):
-                raise ValueError(
-                    f"logits must have shape (batch, num_classes) = ({batch}, "
-                    f"{self.num_classes}), got {tuple(logits.shape)}"
-                )
-            if not torch.isfinite(logits).all():
-                raise ValueError("logits contain NaN or Inf; the batch was rejected")
+        check_batch(features, labels, logits, self.num_classes, self.dim)
         seen = self.class_counts.sum().item()
         if seen > 0 and (logits is not None) != (self.samples_with_logits.item() > 0):
             had = "with" if self.samples_with_logits.item() > 0 else "without"
@@ -899,203 +691,6 @@ class NeuralCollapseMetrics(Metric):
                 f"logits={'None' if logits is None else 'a tensor'}, but earlier batches came "
                 f"{had} logits; pass logits for every batch or for none (or call reset())"
             )
-
-
-# --- shared internals (both routes) --------------------------------------------------------------
-
-
-def _check_classifier(
-    weight: torch.Tensor | None, bias: torch.Tensor | None, num_classes: int, dim: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if weight is None:
-        if bias is not None:
-            raise ValueError("bias was given without weight; pass weight=W (K, d) as well")
-        return None, None
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        kind = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise TypeError(f"weight must be a floating-point torch.Tensor (K, d), got {kind}")
-    if weight.shape != (num_classes, dim):
-        raise ValueError(
-            f"weight must have shape (num_classes, dim) = ({num_classes}, {dim}), got "
-            f"{tuple(weight.shape)}; pass the head's K x d classifier (e.g. head.weight)"
-        )
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf; pass a finite classifier")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            kind = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise TypeError(f"bias must be a floating-point torch.Tensor (K,) or None, got {kind}")
-        if bias.shape != (num_classes,):
-            raise ValueError(
-                f"bias must have shape ({num_classes},) or be None, got {tuple(bias.shape)}"
-            )
-        if not torch.isfinite(bias).all():
-            raise ValueError("bias contains NaN or Inf; pass a finite bias or None")
-        bias = bias.detach().to(STATISTICS_DTYPE)
-    return weight.detach().to(STATISTICS_DTYPE), bias
-
-
-def _global_metrics(
-    statistics: _Statistics,
-    num_classes: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> dict[str, float]:
-    """Everything computable from the statistics alone (float64).
-
-    The keys that need every class mean (``nc1``, ``nc2_h``, ``nc3``, ``cv_h``, ``equinorm``,
-    ``etf_distance``) are NaN when a class has no samples (only
-    :meth:`NeuralCollapseMetrics.forward` gets that far; ``compute`` raises first).
-    """
-    device = statistics.class_means.device
-    results: dict[str, float] = {
-        "etf_margin": num_classes / (num_classes - 1),
-        "n": statistics.num_samples,
-        **dict.fromkeys(["nc1", "nc2_h", "cv_h", "etf_distance"], _NAN),
-    }
-    hbar = None
-    if statistics.every_class_seen:
-        hbar = (statistics.class_means - statistics.global_mean).T  # (d, K)
-        dim = hbar.shape[0]
-        unit_hbar = hbar / torch.linalg.matrix_norm(hbar)
-        results.update(
-            nc1=nc1_from_statistics(statistics.within_class_covariance, hbar).item(),
-            nc2_h=etf_gram_deviation(hbar.T @ hbar).item(),
-            cv_h=coefficient_of_variation(hbar.T).item(),
-            # The nearest ETF lives on St(d, K): undefined (NaN) when d < K.
-            etf_distance=etf_distance(unit_hbar).item() if dim >= num_classes else _NAN,
-        )
-    with_logits = statistics.samples_with_logits
-    results["acc1"] = 100.0 * statistics.correct_top1 / with_logits if with_logits else _NAN
-    if num_classes >= 5:
-        results["acc5"] = 100.0 * statistics.correct_top5 / with_logits if with_logits else _NAN
-    if weight is None:
-        results.update(nc2_w=_NAN, nc3=_NAN, cv_w=_NAN, equinorm=_NAN, bias_collapse=_NAN)
-        return results
-    weight = weight.to(device)
-    cv_w = coefficient_of_variation(weight).item()
-    results.update(
-        nc2_w=etf_gram_deviation(weight @ weight.T).item(),
-        nc3=etf_gram_deviation(weight @ hbar).item() if hbar is not None else _NAN,
-        cv_w=cv_w,
-        equinorm=abs(results["cv_h"] - cv_w),
-        bias_collapse=bias_collapse(
-            weight, None if bias is None else bias.to(device), statistics.global_mean
-        ).item(),
-    )
-    return results
-
-
-def _nan_per_sample() -> dict[str, float]:
-    keys = ["ncc_mismatch", "margin_mean", "margin_min", *MARGIN_QUANTILES, "margin_max"]
-    return dict.fromkeys(keys, _NAN)
-
-
-def _per_sample_metrics(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    num_samples: int,
-    statistics: _Statistics,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    *,
-    collective: bool,
-    kept_margins: list | None = None,
-) -> dict[str, float]:
-    """NCC mismatch and cosine margins of this process's samples against the given means (float64).
-
-    ``kept_margins``, when a list, receives the margins of every sample (numpy float64, in rank
-    order under torch.distributed).
-
-    ``batches`` yields (features (B, d), labels (B,), network predictions (B,) or None), and
-    ``num_samples`` rows in all (checked: the two-pass route needs a deterministic loader).
-    With ``collective`` (the statistics are the sums over processes), mismatch counts are summed
-    and margins gathered over processes, so every rank gets the same numbers. Margins are kept,
-    one float64 per sample, for exact quantiles, in one buffer allocated up front (many small
-    long-lived blocks would fragment the heap). NCC needs every class mean: NaN otherwise.
-    """
-    device = statistics.class_means.device
-    if weight is not None:
-        weight = weight.to(device)
-        bias = None if bias is None else bias.to(device)
-    mismatches = torch.zeros((), dtype=STATISTICS_DTYPE, device=device)
-    compared = torch.zeros((), dtype=STATISTICS_DTYPE, device=device)
-    margins = torch.empty(num_samples if weight is not None else 0, dtype=STATISTICS_DTYPE)
-    margins = margins.to(device)
-    every_mean = statistics.every_class_seen
-    seen = 0
-    for features, labels, predictions in batches:
-        if seen + features.shape[0] > num_samples:
-            raise ValueError(
-                f"the second pass yielded more than the {num_samples} samples of the first; the "
-                "loader must yield the same samples each time (no random sampling or dropping)"
-            )
-        for start in range(0, features.shape[0], _CHUNK_ROWS):
-            rows = slice(start, start + _CHUNK_ROWS)
-            chunk = features[rows].to(device=device, dtype=STATISTICS_DTYPE)
-            chunk_labels = labels[rows].to(device)
-            if predictions is not None:
-                chunk_predictions = predictions[rows].to(device)
-            elif weight is not None:
-                logits = chunk @ weight.T
-                chunk_predictions = (logits if bias is None else logits + bias).argmax(dim=1)
-            else:
-                chunk_predictions = None
-            if chunk_predictions is not None and every_mean:
-                nearest = nearest_class_centre(chunk, statistics.class_means)
-                mismatches += (nearest != chunk_predictions).sum()
-                compared += chunk.shape[0]
-            if weight is not None:
-                margins[seen : seen + chunk.shape[0]] = cosine_margins(
-                    chunk, chunk_labels, statistics.global_mean, weight
-                )
-            seen += chunk.shape[0]
-    if seen != num_samples:
-        raise ValueError(
-            f"the second pass yielded {seen} samples but the first {num_samples}; the loader "
-            "must yield the same samples each time (no random sampling or dropping)"
-        )
-    totals = torch.stack([mismatches, compared])
-    if collective:
-        totals = distributed.all_reduce_sum(totals)
-    results = _nan_per_sample()
-    if totals[1] > 0:
-        results["ncc_mismatch"] = (100.0 * totals[0] / totals[1]).item()
-    if weight is not None:
-        everything = (_gather_variable_length(margins) if collective else margins).cpu().numpy()
-        if kept_margins is not None:
-            kept_margins.append(everything)
-        if everything.size:
-            values = np.quantile(everything, list(MARGIN_QUANTILES.values()))
-            results.update(zip(MARGIN_QUANTILES, values.tolist(), strict=True))
-            results.update(
-                margin_mean=float(everything.mean()),
-                margin_min=float(everything.min()),
-                margin_max=float(everything.max()),
-            )
-    return results
-
-
-def _gather_variable_length(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D float64 tensor of any length from every process, in rank order.
-
-    Written with :func:`guided_nc.distributed.all_reduce_sum` only (zero-padded slots), so the
-    distributed module stays the only caller of torch.distributed.
-    """
-    world_size = distributed.world_size()
-    if world_size == 1:
-        return local
-    lengths = torch.zeros(world_size, dtype=STATISTICS_DTYPE, device=local.device)
-    lengths[distributed.rank()] = local.numel()
-    lengths = distributed.all_reduce_sum(lengths).long().tolist()
-    start = sum(lengths[: distributed.rank()])
-    gathered = torch.zeros(sum(lengths), dtype=STATISTICS_DTYPE, device=local.device)
-    gathered[start : start + local.numel()] = local
-    return distributed.all_reduce_sum(gathered)
-
-
-def _ordered(results: dict[str, float], num_classes: int) -> dict[str, float]:
-    keys = [key for key in METRIC_KEYS if key != "acc5" or num_classes >= 5]
-    return {key: float(results[key]) for key in keys}
 
 
 # --- the two-pass route ------------------------------------------------------------
@@ -1125,6 +720,7 @@ def collect_metrics(
     *,
     progress: bool = True,
     return_margins: bool = False,
+    global_mean: str = "weighted",
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Neural-collapse metrics of a whole split in two passes, memory independent of N.
 
@@ -1147,10 +743,12 @@ def collect_metrics(
         progress: show tqdm bars (rank 0 only; tqdm also hides them when not on a terminal).
         return_margins: also return the per-sample cosine margins (N,) float64 (all ranks'
             samples, in rank order), e.g. for their distribution (paper Fig. 15c).
+        global_mean: the convention for mu_G, as in :class:`NeuralCollapseMetrics`.
 
     Returns:
         the dict of :meth:`NeuralCollapseMetrics.compute` (and the margins, if asked).
     """
+    check_global_mean(global_mean)
     show = progress and distributed.is_main_process()
 
     def batches(description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -1166,26 +764,30 @@ def collect_metrics(
             if metric is None:
                 dim = features.shape[-1] if isinstance(features, torch.Tensor) else 0
                 metric = NeuralCollapseMetrics(
-                    num_classes, dim, max_kept_samples=0, device=features.device
+                    num_classes,
+                    dim,
+                    max_kept_samples=0,
+                    device=features.device,
+                    global_mean=global_mean,
                 )
             metric.update(features, labels, logits)
         if metric is None:
             raise ValueError("loader yielded no batches; pass a loader over a non-empty split")
-        weight, bias = _check_classifier(weight, bias, num_classes, metric.dim)
+        weight, bias = check_classifier(weight, bias, num_classes, metric.dim)
         local_samples = metric.num_samples
         # torchmetrics' sync (NeuralCollapseMetrics._sync_dist, through guided_nc.distributed)
         # under torch.distributed; a no-op for one process.
         with metric.sync_context():
             collective = metric._is_synced
             statistics = metric._statistics(every_class=True)
-        results = _global_metrics(statistics, num_classes, weight, bias)
+        results = global_metrics(statistics, num_classes, weight, bias)
         second_pass = (
             (features, labels, None if logits is None else logits.argmax(dim=1))
             for features, labels, logits in batches("NC metrics, pass 2/2 (NCC, margins)")
         )
         kept: list = []
         results.update(
-            _per_sample_metrics(
+            per_sample_metrics(
                 second_pass,
                 local_samples,
                 statistics,
@@ -1195,7 +797,7 @@ def collect_metrics(
                 kept_margins=kept,
             )
         )
-    results = _ordered(results, num_classes)
+    results = ordered_metrics(results, num_classes)
     if return_margins:
         return results, (kept[0] if kept else np.empty(0))
     return results

@@ -32,12 +32,20 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 __all__ = ["StratifiedBatchSampler"]
 
 
 def _as_labels(labels) -> np.ndarray:
+    if isinstance(labels, Sampler):
+        raise TypeError(
+            f"labels is a {type(labels).__name__}, not class labels: Lightning re-creates batch "
+            "samplers under DDP; build the StratifiedBatchSampler inside train_dataloader() (it "
+            "then takes the rank from Lightning's sampler), or pass "
+            "Trainer(use_distributed_sampler=False) and num_replicas=trainer.world_size, "
+            "rank=trainer.global_rank"
+        )
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
@@ -76,11 +84,20 @@ def _cycle_arcs(counts: np.ndarray, cycle_size: int) -> np.ndarray:
     return quota + extra
 
 
-class StratifiedBatchSampler(Sampler[list[int]]):
+class StratifiedBatchSampler(BatchSampler):
     """Batch sampler yielding lists of dataset indices, stratified by class (see module doc).
 
     Use as ``DataLoader(dataset, batch_sampler=StratifiedBatchSampler(labels, 256, seed))`` and
     call :meth:`set_epoch` at the start of every epoch.
+
+    PyTorch Lightning: under DDP Lightning re-creates a batch sampler with its own
+    ``DistributedSampler`` as ``sampler=``. A StratifiedBatchSampler built inside
+    ``train_dataloader()`` survives that: it keeps its labels, batch size and seed and takes
+    ``num_replicas`` and ``rank`` from Lightning's sampler (whose order it does not use: the
+    batches are the same global batches, sliced per rank). One built elsewhere cannot be
+    re-created (Lightning no longer knows its labels): that is a one-line error naming
+    ``Trainer(use_distributed_sampler=False)``. It subclasses ``BatchSampler`` for this
+    (Lightning records the arguments of ``BatchSampler`` subclasses only).
 
     Args:
         labels: (N,) integer class labels of the dataset (tensor, array or sequence).
@@ -90,6 +107,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         rank: this process's rank in [0, R).
         drop_last: ``len = N // B`` batches per epoch if True, ``ceil(N / B)`` otherwise. Every
             batch has exactly B indices either way (small classes are resampled, never padded).
+        sampler: a distributed sampler (what Lightning injects): ``num_replicas`` and ``rank``
+            are taken from it (given ones must agree); its order is not used.
 
     Each yielded list has B / R indices (this rank's share of the global batch).
     """
@@ -102,8 +121,18 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = True,
+        sampler: Sampler | None = None,
     ) -> None:
         self.labels = _as_labels(labels)
+        self.sampler = sampler
+        if sampler is not None and hasattr(sampler, "num_replicas"):
+            given = (num_replicas, rank)
+            num_replicas, rank = int(sampler.num_replicas), int(sampler.rank)
+            if given != (1, 0) and given != (num_replicas, rank):
+                raise ValueError(
+                    f"num_replicas={given[0]}, rank={given[1]} disagree with the sampler's "
+                    f"num_replicas={num_replicas}, rank={rank}; pass one or the other"
+                )
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
         self.num_replicas = _check_int("num_replicas", num_replicas, 1)

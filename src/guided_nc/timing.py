@@ -26,6 +26,7 @@ from guided_nc.methods import METHOD_VARIANTS, TIMED_METHODS
 from guided_nc.models import Classifier
 from guided_nc.optim import build_optimizer
 from guided_nc.runtime import synchronize
+from guided_nc.settings import HeadSettings
 
 __all__ = [
     "LOSSES",
@@ -34,6 +35,7 @@ __all__ = [
     "build_optimizer_for",
     "check_deferred",
     "measure_heads",
+    "skip_rejected",
     "summarize_times",
     "time_steps",
     "training_step",
@@ -109,18 +111,47 @@ def check_deferred(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     host synchronisation; this reads the counters (one host read each). The training loops
     call it once per epoch (``train``) or per iteration (``ufm``, on the CPU).
     """
-    for module in model.modules():
-        if module is not model and callable(getattr(module, "check", None)):
-            module.check()
+    for checkable in _checkables(model, optimizer):
+        checkable.check()
+
+
+def skip_rejected(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Clear the deferred rejections of the heads and AGD and return them, without raising.
+
+    For a loop that should go on past a non-finite batch (e.g. a Lightning callback's
+    ``on_train_batch_end``, examples/lightning_ddp.py): with ``validation="deferred"`` on the
+    head and on AGD a bad batch changes no state (the head's buffers and the parameters stay
+    as they were: the step is skipped), and this reads and resets the counters (one host read
+    each) so that the next ``train()``/``eval()`` does not raise. Under DDP every rank rejects
+    the same batches (the flags are all-reduced), so every rank returns the same list.
+
+    Returns:
+        the messages :meth:`check` would have raised, one per head or optimiser that rejected
+        something since the last call (empty: nothing was rejected).
+    """
+    messages = []
+    for checkable in _checkables(model, optimizer):
+        try:
+            checkable.check()
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+def _checkables(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[Any]:
+    """The submodules of ``model`` and the optimiser that have a deferred ``check()``."""
+    found = [m for m in model.modules() if m is not model and callable(getattr(m, "check", None))]
     if optimizer is not None and callable(getattr(optimizer, "check", None)):
-        optimizer.check()
+        found.append(optimizer)
+    return found
 
 
 def build_optimizer_for(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     """The optimiser a run's configuration asks for, over ``model``'s trainable parameters.
 
-    ``config`` is a :class:`guided_nc.config.TrainConfig` or :class:`~guided_nc.config.
-    UFMConfig`: both name ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` and ``gain``.
+    ``config`` is a :class:`guided_nc.settings.OptimizerSettings`, or a run configuration that
+    inherits its fields (:class:`guided_nc.config.TrainConfig`, :class:`~guided_nc.config.
+    UFMConfig`): ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` and ``gain``.
     """
     return build_optimizer(
         config.optimizer,
@@ -268,7 +299,7 @@ def measure_heads(
     repeats: int = 5,
     warmup: int = 1,
     optimizer_name: str = "agd",
-    temperature: float = 5.0,
+    settings: HeadSettings | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time per training step and memory of each method's head on the same backbone and batch.
 
@@ -281,6 +312,7 @@ def measure_heads(
         num_classes: K.
         inputs: a batch (B, ...) on the target device; labels (B,) int64 on it too.
         methods: names from :data:`guided_nc.methods.METHOD_VARIANTS`.
+        settings: the heads' settings (each method applies its own options on top).
     """
     unknown = sorted(set(methods) - set(METHOD_VARIANTS))
     if unknown:
@@ -288,7 +320,7 @@ def measure_heads(
     device = inputs.device
     runs = {}
     for name in methods:
-        head = build_head(name, backbone.num_features, num_classes, temperature=temperature)
+        head = build_head(name, backbone.num_features, num_classes, settings)
         model = Classifier(copy.deepcopy(backbone), head).to(device)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(optimizer_name, parameters, lr=0.01, weight_decay=0.0)

@@ -57,7 +57,15 @@ from guided_nc.runfiles import (
 from guided_nc.runtime import peak_memory_mb, resolve_device, seed_everything, synchronize
 from guided_nc.timing import build_loss, build_optimizer_for, check_deferred, training_step
 
-__all__ = ["FitResult", "build_backbone_for", "build_head_for", "evaluate", "fit", "train_model"]
+__all__ = [
+    "FitResult",
+    "build_backbone_for",
+    "build_head_for",
+    "evaluate",
+    "fit",
+    "load_run",
+    "train_model",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -96,22 +104,22 @@ def build_backbone_for(config: TrainConfig, input_shape: tuple[int, ...]) -> nn.
 
 
 def build_head_for(config: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
-    """The head of ``config.method`` with the config's tau (and delta / DDN gradient, or the
-    fixed ETF's rotation: a Haar rotation is drawn from a generator seeded by ``config.seed``).
+    """The head of ``config.method`` with the config's head settings
+    (:meth:`TrainConfig.head_settings`; a Haar rotation is drawn from a generator seeded by
+    ``config.seed``), through the one builder :func:`guided_nc.heads.build_head`.
 
     The standard head has no bias (method.md section 1), whatever ``config.bias`` says: that flag
     is about the backbone's biases and norm-layer affine parameters.
     """
     from guided_nc.heads import build_head
 
-    options: dict[str, Any] = {"temperature": config.temperature}
-    if config.method == "implicit":
-        options.update(delta=config.delta, ddn_grad=config.ddn_grad)
-    if config.method == "fixed" and config.rotation != "canonical":
-        options.update(
-            rotation=config.rotation, generator=torch.Generator().manual_seed(config.seed)
-        )
-    return build_head(config.method, num_features, num_classes, **options)
+    return build_head(
+        config.method,
+        num_features,
+        num_classes,
+        config.head_settings(),
+        generator=torch.Generator().manual_seed(config.seed),
+    )
 
 
 class _OnDevice:
@@ -143,6 +151,22 @@ def fit(
     loss_fn: Any = None,
 ) -> Path:
     """Train ``config.model`` with the ``config.method`` head; return the run folder.
+
+    See :func:`_fit` (which also returns the trained model; :func:`train_model` does, and
+    :func:`load_run` rebuilds it from the folder).
+    """
+    return _fit(config, backbone=backbone, data=data, loss_fn=loss_fn)[0]
+
+
+def _fit(
+    config: TrainConfig,
+    *,
+    backbone: nn.Module | None = None,
+    data: Any = None,
+    loss_fn: Any = None,
+) -> tuple[Path, nn.Module]:
+    """Train ``config.model`` with the ``config.method`` head; return the run folder and the
+    trained :class:`guided_nc.models.Classifier` (this rank's copy, unwrapped from DDP).
 
     Writes ``config.json``, ``metrics.csv`` (one row per epoch of
     :meth:`TrainConfig.eval_epoch_set`), ``summary.json``, TensorBoard events, ``checkpoint.pt``
@@ -189,9 +213,9 @@ def fit(
             start_epoch, rows, timings = _restore(
                 state, model, optimizer, scheduler, data, world_size, rank
             )
-        if is_main:
-            writer = _open_run_folder(config, start_epoch, extending)
         steps_per_epoch = len(data.train_loader)
+        if is_main:
+            writer = _open_run_folder(config, start_epoch * steps_per_epoch, extending)
         _announce(config, model, data, device, world_size, start_epoch, steps_per_epoch)
 
         started = time.perf_counter()
@@ -206,7 +230,7 @@ def fit(
         )
         for epoch in range(start_epoch + 1, config.epochs + 1):
             data.sampler.set_epoch(epoch)
-            loss, accuracy, step_times = _train_epoch(
+            loss, accuracy, step_times, step_log = _train_epoch(
                 trained, optimizer, scheduler, data.train_loader, device, progress, loss_fn
             )
             timings.append(_epoch_timing(epoch, step_times, device))
@@ -215,13 +239,11 @@ def fit(
                 rows.append(row)
                 if is_main:
                     write_long_csv(out / "metrics.csv", rows)  # rewritten whole
-                    _log_scalars(writer, rows[-1], epoch)
                     if margins is not None:  # the last epoch: per-sample train margins
                         save_npy(out / "final_margins.npy", margins.astype(np.float32))
             if is_main:
-                writer.add_scalar("train/loss_epoch", loss, epoch)
-                writer.add_scalar("train/acc1_epoch", accuracy, epoch)
-                writer.add_scalar("time/step_s", timings[-1]["time_per_step_s"], epoch)
+                row = rows[-1] if rows and rows[-1]["epoch"] == epoch else None
+                _log_epoch(writer, epoch, steps_per_epoch, step_log, loss, accuracy, timings, row)
             progress.log(f"epoch {epoch}/{config.epochs}", loss=loss, acc=accuracy)
             state = (model, optimizer, scheduler, data, epoch, rows, timings)
             _checkpoint(out / CHECKPOINT_NAME, config, *state)
@@ -231,7 +253,7 @@ def fit(
             atomic_write_json(out / "summary.json", _summary(config, timings, device, data))
             mark_done(out, config.to_dict(), time.perf_counter() - started)  # last
         distributed.barrier()
-        return out
+        return out, model.eval()
     finally:
         if writer is not None:
             writer.close()
@@ -468,15 +490,36 @@ def _restore(state, model, optimizer, scheduler, data: _Data, world_size: int, r
     return state["epoch"], state["rows"], state["timings"]
 
 
-def _open_run_folder(config: TrainConfig, start_epoch: int, extending: bool):
-    """Rank 0: create the folder, write config.json, open TensorBoard; returns the writer."""
+def _open_run_folder(config: TrainConfig, start_step: int, extending: bool):
+    """Rank 0: create the folder, write config.json, open TensorBoard (events after
+    ``start_step``, the optimiser steps already done, are purged: a resumed run rewrites them)
+    and write the hparams; returns the writer."""
     from torch.utils.tensorboard import SummaryWriter
 
     out = mark_kind(config.out, "train")  # the folder's first write
     if extending:  # the run is unfinished again until its new last epoch
         (out / DONE_NAME).unlink(missing_ok=True)
     config.save(out / "config.json")
-    return SummaryWriter(out / "tensorboard", purge_step=start_epoch + 1)
+    writer = SummaryWriter(out / "tensorboard", purge_step=start_step + 1)
+    _write_hparams(writer, config)
+    return writer
+
+
+#: The evaluation keys the TensorBoard HParams view shows next to the configuration.
+HPARAM_METRICS = ("eval/train_acc1", "eval/test_acc1", "eval/train_nc1", "eval/test_nc1")
+
+
+def _write_hparams(writer, config: TrainConfig) -> None:
+    """The configuration as TensorBoard hparams, in the run's own event file (SummaryWriter's
+    ``add_hparams`` would open a sub-run); the metrics are the ``eval/`` scalars of the run."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in config.to_dict().items()
+    }
+    for summary in hparams(values, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer.file_writer.add_summary(summary)
 
 
 def _announce(config, model, data: _Data, device, world_size, start_epoch, steps_per_epoch):
@@ -507,20 +550,27 @@ def _announce(config, model, data: _Data, device, world_size, start_epoch, steps
 
 def _train_epoch(trained, optimizer, scheduler, loader, device, progress: Progress, loss_fn):
     """One epoch of :func:`guided_nc.timing.training_step`; returns (mean loss, train top-1 %,
-    per-step seconds), the first two over the global batch (all ranks)."""
+    per-step seconds, per-step log), the first two over the global batch (all ranks); the log
+    maps ``step/loss`` (the global batch's), ``step/lr`` and, with AGD, ``step/agd_eta`` to one
+    value per step."""
     trained.train()
     # Sums stay on the device (no host read per step); one all-reduce and one read per epoch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    step_times = []
+    step_times, step_losses, step_sizes, rates = [], [], [], []
     for inputs, labels in loader:
         inputs, labels = inputs.to(device), labels.to(device)
+        rates.append(float(optimizer.param_groups[0]["lr"]))  # the step's learning rate
         synchronize(device)
         start = time.perf_counter()
         loss, correct = training_step(
             trained, optimizer, inputs, labels, scheduler=scheduler, loss_fn=loss_fn
         )
+        step_losses.append(loss.double())
+        eta = getattr(optimizer, "last_eta", None)  # AGD's automatic step size
+        if eta is not None:
+            step_sizes.append(eta.double())
         synchronize(device)
         step_times.append(time.perf_counter() - start)
         loss_sum += loss.double() * labels.numel()
@@ -530,7 +580,13 @@ def _train_epoch(trained, optimizer, scheduler, loader, device, progress: Progre
     check_deferred(trained, optimizer)  # a deferred rejection surfaces here, once an epoch
     totals = torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(float(count))])
     total_loss, total_correct, total = distributed.all_reduce_sum(totals).tolist()
-    return total_loss / total, 100.0 * total_correct / total, step_times
+    # Per-step losses: each rank's shard mean, averaged over the (equal) shards = the global
+    # batch's mean loss; one all-reduce and one read per epoch.
+    losses = distributed.all_reduce_sum(torch.stack(step_losses)) / distributed.world_size()
+    step_log = {"step/loss": losses.tolist(), "step/lr": rates}
+    if step_sizes:
+        step_log["step/agd_eta"] = torch.stack(step_sizes).tolist()
+    return total_loss / total, 100.0 * total_correct / total, step_times, step_log
 
 
 def _epoch_timing(epoch: int, step_times: list[float], device: torch.device) -> dict[str, Any]:
@@ -561,10 +617,25 @@ def _evaluate_epoch(config, model, data: _Data, device, epoch: int, train_loss: 
     return {"epoch": epoch, "train_loss": train_loss, **metrics}, margins
 
 
-def _log_scalars(writer, row: dict[str, Any], epoch: int) -> None:
-    for key, value in row.items():
-        if key != "epoch" and math.isfinite(value):
-            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+def _log_epoch(writer, epoch, steps_per_epoch, step_log, loss, accuracy, timings, row) -> None:
+    """TensorBoard, on one x-axis (optimiser steps): per step ``step/loss``, ``step/lr`` (and
+    ``step/agd_eta``); at the epoch's last step the figures of the training pass,
+    ``running/train_loss`` and ``running/train_acc1`` (averaged over the epoch's steps, with
+    augmentation and a changing model), ``time/step_s``, ``epoch``, and on evaluated epochs
+    the evaluation pass's ``eval/<split>_<key>`` (``eval/train_acc1``: the model at the epoch's
+    end on the un-augmented split, as metrics.csv)."""
+    first = (epoch - 1) * steps_per_epoch + 1
+    for tag, values in step_log.items():
+        for offset, value in enumerate(values):
+            writer.add_scalar(tag, value, first + offset)
+    last = epoch * steps_per_epoch
+    writer.add_scalar("running/train_loss", loss, last)
+    writer.add_scalar("running/train_acc1", accuracy, last)
+    writer.add_scalar("time/step_s", timings[-1]["time_per_step_s"], last)
+    writer.add_scalar("epoch", epoch, last)
+    for key, value in (row or {}).items():
+        if key not in ("epoch", "train_loss") and math.isfinite(value):
+            writer.add_scalar(f"eval/{key}", value, last)
 
 
 def _gather_rank_states(state: torch.Tensor) -> list[torch.Tensor]:
@@ -608,6 +679,9 @@ def _checkpoint(path, config, model, optimizer, scheduler, data: _Data, epoch, r
                 "rows": rows,
                 "timings": timings,
                 "config": config.to_dict(),
+                # What load_run needs to rebuild the model without the data.
+                "input_shape": list(data.splits.input_shape),
+                "num_classes": data.splits.num_classes,
             },
         )
     distributed.barrier()
@@ -677,15 +751,19 @@ def evaluate(
 
 @dataclass
 class FitResult:
-    """What :func:`train_model` returns: the run folder and its metrics.
+    """What :func:`train_model` returns: the run folder, its metrics and the trained model.
 
     Attributes:
         folder: the run folder (config.json, metrics.csv, checkpoint.pt, ...).
         rows: metrics.csv, one dict per evaluated epoch.
+        model: the trained :class:`guided_nc.models.Classifier` (``.backbone``: your backbone,
+            trained in place; ``.head``), in eval mode: ``model(x)`` -> logits (B, K).
+            :func:`load_run` rebuilds the same model from the folder.
     """
 
     folder: Path
     rows: list[dict[str, Any]]
+    model: nn.Module | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -722,7 +800,7 @@ def train_model(
             ``batch_size``, ``optimizer``, ``out``, ``resume``, ...).
 
     Returns:
-        a :class:`FitResult` with the run folder and its metrics.
+        a :class:`FitResult` with the run folder, its metrics and the trained model.
     """
     from guided_nc.data import DataSplits
     from guided_nc.runfiles import read_long_csv
@@ -732,5 +810,59 @@ def train_model(
         train, test, train_eval=train_eval, num_classes=num_classes, train_labels=train_labels
     )
     run = TrainConfig(**{"out": "runs/train", **config, "dataset": CUSTOM, "model": CUSTOM})
-    folder = fit(run, backbone=backbone, data=data, loss_fn=loss_fn)
-    return FitResult(folder, read_long_csv(folder / "metrics.csv"))
+    folder, model = _fit(run, backbone=backbone, data=data, loss_fn=loss_fn)
+    return FitResult(folder, read_long_csv(folder / "metrics.csv"), model)
+
+
+def load_run(
+    folder: str | Path,
+    backbone: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a run's trained model from its folder (config.json and checkpoint.pt).
+
+    Args:
+        folder: a run folder of ``fit``, ``train_model``, ``guided-nc train`` or ``compare``
+            (its last checkpoint: the end of the run once ``done`` exists).
+        backbone: for a run of your own backbone (``model="custom"``, :func:`train_model`), a
+            module of the same architecture (e.g. built as before training); its weights are
+            replaced by the run's. Built-in models are rebuilt from the configuration.
+        map_location: where the model is loaded.
+
+    Returns:
+        the :class:`guided_nc.models.Classifier` (backbone and head, every head buffer
+        included), in eval mode: ``model(x)`` gives the logits the run's model gave.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``folder``. ValueError: ``model="custom"`` without a
+        backbone, or a checkpoint without the model's shapes (written before they were saved).
+    """
+    from guided_nc.models import Classifier
+
+    folder = Path(folder)
+    path = folder / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; pass a run folder that holds a {CHECKPOINT_NAME} "
+            "(written after each epoch)"
+        )
+    state = load_checkpoint(path, map_location=map_location, required_keys=("model", "config"))
+    config = TrainConfig.from_dict(state["config"])
+    weight = state["model"]["head.weight"]
+    num_classes, num_features = (int(size) for size in weight.shape)
+    if backbone is None:
+        if config.model == CUSTOM:
+            raise ValueError(
+                f"the run in {str(folder)!r} trained your own backbone (model='custom'); pass "
+                "load_run(folder, backbone=...) with a module of the same architecture"
+            )
+        if "input_shape" not in state:
+            raise ValueError(
+                f"the checkpoint {str(path)!r} does not record the input shape (written by an "
+                "older guided-nc); pass load_run(folder, backbone=build_backbone_for(config, "
+                "input_shape))"
+            )
+        backbone = build_backbone_for(config, tuple(state["input_shape"]))
+    model = Classifier(backbone, build_head_for(config, num_features, num_classes))
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval()

@@ -143,16 +143,13 @@ def evaluation_iterations(iterations: int, eval_interval: int) -> list[int]:
 def _build_head(config: UFMConfig, method: str, seed: int) -> torch.nn.Module:
     preset = config.preset
     head_name = METHOD_VARIANTS[method].head
-    kwargs: dict[str, Any] = {"temperature": config.temperature}
-    if head_name != "standard":
-        kwargs["running_mean_momentum"] = config.resolved_running_mean_momentum
-    if head_name == "implicit":
-        kwargs.update(delta=config.delta)
-        if method == "implicit":  # the variant "implicit-no-ddn" fixes ddn_grad itself
-            kwargs["ddn_grad"] = config.ddn_grad
-    if METHOD_VARIANTS[method].head_options().get("rotation") == "haar":
-        kwargs["generator"] = _generators(seed)[3]
-    head = build_head(method, preset.num_features, preset.num_classes, **kwargs)
+    head = build_head(
+        method,
+        preset.num_features,
+        preset.num_classes,
+        config.head_settings(),
+        generator=_generators(seed)[3],
+    )
     if head_name == "standard":
         # AGD's initialisation for the classifier too (as the release's init_weights), from the
         # seed's own stream; then unit-norm rows.

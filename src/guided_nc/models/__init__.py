@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from guided_nc.catalog import MODEL_NAMES
-from guided_nc.models.classifier import Classifier, FreeFeatures
+from guided_nc.models.classifier import Classifier, FreeFeatures, replace_classifier
 from guided_nc.models.common import (
     one_dimensional_parameters,
     remove_biases,
@@ -41,6 +41,7 @@ __all__ = [
     "one_dimensional_parameters",
     "remove_biases",
     "remove_norm_affine",
+    "replace_classifier",
     "torchvision_resnet",
 ]
 

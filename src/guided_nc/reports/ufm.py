@@ -26,7 +26,7 @@ import numpy as np
 
 from guided_nc.config import Preset
 from guided_nc.methods import METHOD_VARIANTS, method_label
-from guided_nc.metrics import ce_lower_bound
+from guided_nc.nc_statistics import ce_lower_bound
 from guided_nc.reports.figures import (
     plot_histograms,
     plot_median_bands,
