@@ -41,3 +41,6 @@ def test_head_alone_setting_times_and_counts_every_head():
     assert results["implicit"]["time_per_step_s"] > 0
     # The implicit head does strictly more than the standard one: class statistics and a solve.
     assert results["implicit"]["ops_per_step"] > results["standard"]["ops_per_step"] > 0
+    # The accelerator route's row: Newton-Schulz iterates where the CPU route calls eigh.
+    accelerator = results["implicit (accelerator route)"]
+    assert accelerator["ops_per_step"] > results["implicit"]["ops_per_step"]

@@ -167,7 +167,7 @@ def _pseudo_reciprocals(spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _reciprocals(spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``1/(s_i + s_j)`` and ``1/s_i`` without guards, for a spectrum known to be positive."""
-    return (spectrum.unsqueeze(-1) + spectrum.unsqueeze(-2)).reciprocal_(), spectrum.reciprocal()
+    return (spectrum.unsqueeze(-1) + spectrum).reciprocal_(), spectrum.reciprocal()
 
 
 def _centre_rows(matrix: torch.Tensor, center: bool) -> torch.Tensor:
@@ -216,7 +216,7 @@ def polar_backward(
     grad_right = grad_frame @ right  # G V, (d, K)
     projected = left.transpose(-2, -1) @ grad_right  # Gh = U^T G V, (K, K)
     core = (projected - projected.transpose(-2, -1)) * inverse_pair_sum
-    core = core - projected * inverse_spectrum  # F o (Gh - Gh^T) - Gh S^-1
+    core = torch.addcmul(core, projected, inverse_spectrum, value=-1.0)  # ... - Gh S^-1
     output = _centre_rows(right.transpose(-2, -1), center)  # V^T (M)
     return torch.addmm(grad_right * inverse_spectrum, left, core) @ output
 
@@ -248,7 +248,7 @@ def _frame_backward(
     reduced = frame.transpose(-2, -1) @ grad_frame  # R = P^T G, the one A^T-side product
     projected = right.transpose(-2, -1) @ (reduced @ right)  # Gh = V^T R V
     core = (projected - projected.transpose(-2, -1)) * inverse_pair_sum
-    core = core - projected * inverse_spectrum
+    core = torch.addcmul(core, projected, inverse_spectrum, value=-1.0)
     inner = _centre_rows((right @ core) @ right.transpose(-2, -1), center)  # X (M)
     return torch.addmm(grad_frame @ _centre_rows(inverse_root, center), frame, inner)
 

@@ -392,14 +392,20 @@ class _CentredETFHead(_Head):
                 f"bfloat16 features and autocast are fine)"
             )
 
-    def _running_mean_update(self, batch_mean: torch.Tensor) -> torch.Tensor:
+    def _running_mean_update(
+        self, batch_mean: torch.Tensor, steps_done: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The new running mean (not yet stored). The first training step copies the batch mean
         (no bias towards the zero initialisation); later steps use the momentum, or a cumulative
-        average when ``running_mean_momentum`` is None (as in batch norm). On the device: the
-        step count is never read on the host."""
+        average when ``running_mean_momentum`` is None (as in batch norm). ``steps_done``: the
+        step count read on the host (an int, strict mode), else the device buffer is used (no
+        host read)."""
         old = self.running_mean
         if old.dtype != batch_mean.dtype:
             old = old.to(batch_mean.dtype)
+        if isinstance(steps_done, int):
+            weight = self.running_mean_momentum or 1.0 / (steps_done + 1)
+            return torch.lerp(old, batch_mean, 1.0 if steps_done == 0 else weight)
         if self.running_mean_momentum is None:
             weight = 1.0 / (self.num_steps + 1).to(batch_mean.dtype)
         else:
@@ -925,7 +931,7 @@ class ImplicitETFHead(_CentredETFHead):
             self._commit(
                 ok,
                 {
-                    "running_mean": self._running_mean_update(mean),
+                    "running_mean": self._running_mean_update(mean, steps_done),
                     "class_mean_average": average,
                     "frame": factors.frame,
                     "weight": weight,
