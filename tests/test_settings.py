@@ -52,7 +52,10 @@ def test_both_run_configurations_take_the_fields_from_the_one_home():
         ({"solver": "qr"}, r"solver='qr' is not supported"),
         ({"validation": "lazy"}, r"validation='lazy' is not supported"),
         ({"compute_dtype": "float16"}, r"compute_dtype='float16' is not one of"),
-        ({"running_mean_momentum": 2.0}, r"running_mean_momentum=2.0 must be a finite number in \(0, 1\]"),
+        (
+            {"running_mean_momentum": 2.0},
+            r"running_mean_momentum=2.0 must be a finite number in \(0, 1\]",
+        ),
         ({"weight_decay": 0.1}, r"weight_decay=0.1 with optimizer='agd'"),
         ({"optimizer": "lion"}, r"optimizer='lion' is not one of"),
         ({"lr": float("nan")}, r"lr=nan must be a finite number"),
