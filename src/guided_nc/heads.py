@@ -615,39 +615,22 @@ class _ImplicitETFLogits(torch.autograd.Function):
     def forward(
         ctx,
         features,
-        h,
-        scale,
-        weight,
-        mean,
-        unit_average,
-        average_norm,
-        mix,
-        inverse_counts,
-        inverse_total,
-        scatter,
         temperature: float,
         ddn_grad: bool,
         form: str,
         guarded: bool,
         bound: float,
         schedule: tuple,
-        *saved,
+        h,
+        weight,
+        mean,
+        *tensors,
     ):
+        # tensors: scale, unit_average, average_norm, mix, inverse_counts, inverse_total,
+        # scatter, then the solve's saved factors (the order :meth:`backward` unpacks).
         weight_h, mean_h = weight.to(h.dtype), mean.to(h.dtype)  # no copies when h is float64
         logits = torch.addmm(weight_h @ mean_h, h, weight_h.transpose(0, 1), beta=-1)
-        ctx.save_for_backward(
-            h,
-            scale,
-            weight_h,
-            mean_h,
-            unit_average,
-            average_norm,
-            mix,
-            inverse_counts,
-            inverse_total,
-            scatter,
-            *saved,
-        )
+        ctx.save_for_backward(h, weight_h, mean_h, *tensors)
         ctx.temperature, ctx.ddn_grad, ctx.input_dtype = temperature, ddn_grad, features.dtype
         ctx.form, ctx.guarded, ctx.bound, ctx.schedule = form, guarded, bound, schedule
         return logits
@@ -656,9 +639,9 @@ class _ImplicitETFLogits(torch.autograd.Function):
     def backward(ctx, grad_logits):
         (
             h,
-            scale,
             weight,
             mean,
+            scale,
             unit_average,
             average_norm,
             mix,
@@ -907,22 +890,22 @@ class ImplicitETFHead(_CentredETFHead):
         # 4. Logits W h - W mu_G, differentiable through every section above.
         logits = _ImplicitETFLogits.apply(
             features,
-            h,
-            scale,
-            weight,
-            mean,
-            unit_average,
-            average_norm,
-            mix if self.ddn_grad else mix.new_zeros(()),
-            inverse_counts,
-            inverse_total,
-            stats.scatter,
             self.temperature,
             self.ddn_grad,
             factors.form,
             factors.guarded,
             factors.bound,
             factors.schedule,
+            h,
+            weight,
+            mean,
+            scale,
+            unit_average,
+            average_norm,
+            mix if self.ddn_grad else mix.new_zeros(()),
+            inverse_counts,
+            inverse_total,
+            stats.scatter,
             *factors.saved,
         )
 
