@@ -675,24 +675,27 @@ class _ImplicitETFLogits(torch.autograd.Function):
         else:
             grad_sums = (grad_mean * -inverse_total).expand(inverse_counts.shape[0], -1)
         (grad_sums,) = all_reduce_sums(grad_sums)
-        # dh_i = W^T Gz_i + dS_{y_i}: one product added to the gathered rows.
-        grad_h = torch.addmm(_rows_by_class(grad_sums.to(h.dtype), scatter), grad_logits, weight)
+        # scale dh_i = scale_i (W^T Gz_i + dS_{y_i}): one product of the row-scaled [Gz | onehot]
+        # with [W; dS] (B x 2K times 2K x d), so the (B, d) gradient is written once.
+        grad_h = torch.cat([grad_logits, _one_hot(scatter, weight.shape[0], h.dtype)], dim=1)
+        grad_h = (grad_h * scale) @ torch.cat([weight, grad_sums.to(h.dtype)])
         # h = scale f with scale = tau / ||f||: the radial part of dh does not reach f. (Rows
         # with 0 < ||f|| < eps, whose clamped norm has no gradient, would need a mask: such
         # rows do not occur in training, and an all-zero row has h = 0, so it gets scale dh.)
-        radial = torch.linalg.vecdot(grad_h, h).unsqueeze(1) * (scale / ctx.temperature**2)
-        grad_features = torch.addcmul(grad_h * scale, radial, h, value=-1.0)
+        radial = torch.linalg.vecdot(grad_h, h).unsqueeze(1) / ctx.temperature**2
+        grad_features = grad_h.addcmul_(radial, h, value=-1.0)
         if grad_features.dtype != ctx.input_dtype:
             grad_features = grad_features.to(ctx.input_dtype)
         return (grad_features, *([None] * (16 + len(saved))))
 
 
-def _rows_by_class(class_rows: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-    """Row ``y_i`` of ``class_rows`` (K, d) for every sample: (B, d); zero for out-of-range
-    labels (the index K, or a zero one-hot row)."""
-    if scatter.dim() == 1:
-        return F.pad(class_rows, (0, 0, 0, 1)).index_select(0, scatter)
-    return scatter @ class_rows
+def _one_hot(scatter: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, K) one-hot matrix of the labels from :class:`ClassStatistics`' ``scatter`` (the
+    class index with K for out-of-range labels, or the one-hot matrix itself); zero rows for
+    out-of-range labels."""
+    if scatter.dim() == 2:
+        return scatter.to(dtype)
+    return F.one_hot(scatter, num_classes + 1)[:, :num_classes].to(dtype)
 
 
 class ImplicitETFHead(_CentredETFHead):
