@@ -370,6 +370,29 @@ def test_implicit_head_gradcheck(d, k, steps):
     assert torch.autograd.gradcheck(logits_fn, (features.requires_grad_(True),))
 
 
+@pytest.mark.parametrize("solver", ["gram", "newton-schulz"])
+def test_implicit_head_gradcheck_at_large_k(solver):
+    """K = 33 > 32: the backward gathers the class rows instead of the one-hot product and, for
+    Newton-Schulz, iterates on the K x K blocks; finite differences must agree (float64)."""
+    d, k = 34, 33
+    labels = torch.cat([torch.arange(k), torch.tensor([0, 5])])
+    features = torch.randn(
+        len(labels), d, dtype=torch.float64, generator=torch.Generator().manual_seed(6)
+    )
+    head = ImplicitETFHead(d, k, dtype=torch.float64, solver=solver)
+    head(features.flip(0), labels.flip(0))  # one step first: a non-trivial prox and average
+    state = head.state_dict()
+
+    def logits_fn(batch):
+        fresh = ImplicitETFHead(d, k, dtype=torch.float64, solver=solver)
+        fresh.load_state_dict(state)
+        return fresh(batch, labels)
+
+    assert torch.autograd.gradcheck(
+        logits_fn, (features.requires_grad_(True),), atol=1e-7, rtol=1e-5
+    )
+
+
 def _structured_features(kind):
     """(features, labels) with near-collapsed or rank-deficient class means, d = 6, K = 4."""
     rng = np.random.default_rng(8)
