@@ -343,9 +343,8 @@ def _gram_or_svd_factors(
     """
     threshold = gram_eigenvalue_threshold(target.dtype, result_dtype)
     gram = target.transpose(-2, -1) @ target
-    # A NaN anywhere makes the sum NaN; an overflowing sum (entries near 1e308) only sends a
-    # finite case to the SVD, which is exact too.
-    total = None if finite else gram.sum()
+    # A NaN anywhere makes the sum of A^T A NaN; an overflowing sum (entries near 1e308) only
+    # sends a finite case to the SVD, which is exact too.
     if torch.compiler.is_compiling():
         # The same rule as device tensors and a torch.cond. eigh may fail on non-finite input:
         # it gets zeros instead, which fail the threshold. Both branches give the same form.
@@ -366,7 +365,7 @@ def _gram_or_svd_factors(
         )
         form = "p" if _frame_form(*target.shape) else "u"
         return PolarFactors(frame, form, tuple(saved))
-    if finite or math.isfinite(total.item()):
+    if finite or math.isfinite(gram.sum().item()):
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         lowest, highest = eigenvalues[:: eigenvalues.shape[0] - 1].tolist()  # one host read
         if lowest > threshold * highest:
@@ -694,7 +693,8 @@ def solve_polar(
     * ``"gram"``: eigh of ``A^T A``, the SVD when that would cost accuracy for a result stored
       in ``result_dtype`` (:func:`gram_eigenvalue_threshold`; one host read eagerly, a
       ``torch.cond`` while compiling).
-    * ``"svd"``: one thin SVD.
+    * ``"svd"``: one thin SVD (no finiteness check: :func:`nearest_etf` checks its input first,
+      and the heads zero a rejected batch's target, so their step stays free of host reads).
     * ``"newton-schulz"``: matmul-only steps from ``bound >= sigma_max(A)`` and the usual size
       ``floor`` of ``sigma_min(A)``. ``strict``: read the convergence flag and answer with the
       SVD if it failed (one host read); otherwise return the flag in ``converged``, unread.
@@ -705,8 +705,7 @@ def solve_polar(
     """
     if route == "gram":
         return _gram_or_svd_factors(target, result_dtype or target.dtype, name, finite)
-    if route == "svd":
-        check_finite_features(target, name)
+    if route == "svd":  # exact for any finite A; callers that may pass NaN check first
         return _svd_factors(target)
     if route != "newton-schulz":
         raise ValueError(f"route={route!r} is not an exact route; use one of {_CLOSED_FORM}")

@@ -43,6 +43,7 @@ from guided_nc._checks import (
     check_delta,
     check_head_sizes,
     check_labels,
+    check_number,
     check_positive,
     check_stiefel,
     check_validation,
@@ -363,13 +364,15 @@ class _CentredETFHead(_Head):
     ) -> None:
         super().__init__()
         check_head_sizes(num_features, num_classes, needs_stiefel=True)
-        if running_mean_momentum is not None:
-            momentum = check_positive("running_mean_momentum", running_mean_momentum)
-            if momentum > 1:
-                raise ValueError(
-                    f"running_mean_momentum={running_mean_momentum} must lie in (0, 1] (0.1 is "
-                    f"batch norm's default) or be None for a cumulative average"
-                )
+        check_number(
+            "running_mean_momentum",
+            running_mean_momentum,
+            minimum=0,
+            exclusive_minimum=True,
+            maximum=1,
+            optional=True,
+            hint="0.1 is batch norm's default, None a cumulative average",
+        )
         self.num_features = num_features
         self.num_classes = num_classes
         self.temperature = check_positive("temperature", temperature)
@@ -797,9 +800,14 @@ class ImplicitETFHead(_CentredETFHead):
             device,
         )
         delta = check_delta(delta)
-        alpha_floor = check_positive("alpha_floor", alpha_floor)
-        if alpha_floor > 1:
-            raise ValueError(f"alpha_floor={alpha_floor} must lie in (0, 1] (default 1e-4)")
+        alpha_floor = check_number(
+            "alpha_floor",
+            alpha_floor,
+            minimum=0,
+            exclusive_minimum=True,
+            maximum=1,
+            hint="the default is 1e-4",
+        )
         check_solver(solver)
         if solver == "newton-schulz" and delta == 0:
             raise ValueError(

@@ -210,7 +210,7 @@ def count_top_level_ops(step: Callable[[], Any]) -> int:
 
 
 def time_steps(
-    runs: Mapping[str, StepRun],
+    runs: Mapping[str, StepRun | Callable[[], Any]],
     repeats: int,
     warmup: int = 1,
     *,
@@ -219,8 +219,9 @@ def time_steps(
 ) -> dict[str, dict[str, Any]]:
     """Time ``repeats`` training steps of every run, one step of each in turn (interleaved).
 
-    ``warmup`` untimed rounds come first. A step is :func:`training_step`, bracketed by
-    device synchronisations on CUDA (timing only).
+    ``warmup`` untimed rounds come first. A step is :func:`training_step` of a :class:`StepRun`,
+    or a call of a zero-argument function (e.g. a head alone: forward, loss, backward), bracketed
+    by device synchronisations on CUDA (timing only).
 
     Memory (``measure_memory``): on CUDA ``torch.cuda.max_memory_allocated`` per step; on a
     CPU, which has no resettable allocator peak, the bytes autograd saves for the backward pass
@@ -244,7 +245,9 @@ def time_steps(
     for index in range(warmup + repeats):
         for name, run in runs.items():
 
-            def step(run: StepRun = run) -> tuple[torch.Tensor, torch.Tensor]:
+            def step(run: StepRun | Callable[[], Any] = run) -> Any:
+                if callable(run):
+                    return run()
                 return training_step(run.model, run.optimizer, run.inputs, run.labels)
 
             if cuda and measure_memory:

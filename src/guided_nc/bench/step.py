@@ -222,13 +222,12 @@ def measure_head_alone(
     Returns :func:`guided_nc.timing.summarize_times` of the steps (ratios to ``standard``) with
     ``ops_per_step`` added (eager ops even for compiled heads: the count is of the eager step).
     """
-    import time
+    import functools
 
     import torch.nn.functional as F
 
     from guided_nc.heads import build_head
-    from guided_nc.runtime import synchronize
-    from guided_nc.timing import count_top_level_ops, summarize_times
+    from guided_nc.timing import count_top_level_ops, summarize_times, time_steps
 
     device = device or torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
@@ -254,20 +253,10 @@ def measure_head_alone(
         step(head)
         ops[name] = count_top_level_ops(lambda head=head: step(head))
     runners = {
-        name: torch.compile(head, fullgraph=True) if compiled else head
+        name: functools.partial(step, torch.compile(head, fullgraph=True) if compiled else head)
         for name, head in heads.items()
     }
-    results: dict[str, dict[str, Any]] = {
-        name: {"seconds": [], "peak_memory_mb": 0.0, "memory_kind": "-"} for name in runners
-    }
-    for index in range(warmup + repeats):
-        for name, runner in runners.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step(runner)
-            synchronize(device)
-            if index >= warmup:
-                results[name]["seconds"].append(time.perf_counter() - start)
+    results = time_steps(runners, repeats, warmup, device=device)
     summary = summarize_times(results)
     for name in summary:
         summary[name]["ops_per_step"] = ops[name]
@@ -284,9 +273,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     for name, r in results.items():
         ratio = r.get("ratio")
         shown = "-" if ratio is None else f"{ratio:.2f}x ({r['overhead_percent']:+.1f} %)"
+        peak = r["peak_memory_mb"]
+        memory = "-" if peak is None else f"{peak:.1f} ({r['memory_kind']})"
         lines.append(
             f"| {name} | {r['time_per_step_s']:.4f} [{r['time_min_s']:.4f}, "
             f"{r['time_max_s']:.4f}] | {shown} | {r.get('ops_per_step', '-')} "
-            f"| {r['peak_memory_mb']:.1f} ({r['memory_kind']}) |"
+            f"| {memory} |"
         )
     return "\n".join(lines)
